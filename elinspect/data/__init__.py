@@ -1,0 +1,1 @@
+"""Datamodules, dataset readers per on-disk format, transforms and synthetic generators."""

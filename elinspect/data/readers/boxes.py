@@ -1,0 +1,111 @@
+"""Checks shared by the detection readers: box sanitising, image size, paths kept inside the root.
+
+Every reader builds its boxes in ``x1, y1, x2, y2`` pixel coordinates and passes them
+through :func:`sanitize_boxes` before making a :class:`~elinspect.data.records.DetectionRecord`,
+so the same rules hold whatever the on-disk format.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from elinspect.data.errors import DatasetError, ErrorTally
+
+CLIPPED = "box clipped to image"
+NON_FINITE = "box with non-finite coordinates"
+NON_POSITIVE = "box with zero or negative area"
+OUTSIDE_ROOT = "path outside the dataset root"
+
+
+def sanitize_boxes(
+    boxes: np.ndarray | Sequence[Sequence[float]],
+    labels: np.ndarray | Sequence[int],
+    difficult: np.ndarray | Sequence[bool],
+    width: int | None,
+    height: int | None,
+    path: str | Path | None,
+    tally: ErrorTally,
+    *,
+    numbers: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clip boxes to the image and drop (or raise on) the ones that are not boxes at all.
+
+    Rules, applied to ``x1, y1, x2, y2`` pixel boxes:
+
+    * a box with a NaN or infinite coordinate is **bad** ("non-finite coordinates");
+    * a box partly outside the image is clipped to ``[0, width] × [0, height]`` and counted
+      in ``tally`` under ``"box clipped to image"`` (never fatal); with ``width`` or
+      ``height`` ``None`` that axis is not clipped;
+    * a box whose width or height is zero or negative after clipping is **bad** ("zero or
+      negative area"): this covers degenerate boxes, swapped corners and boxes wholly
+      outside the image.
+
+    A bad box goes to ``tally.report`` as a :class:`DatasetError` naming ``path`` and the
+    box: under ``on_error="raise"`` the first one raises, under ``"skip"`` each is dropped
+    and counted. ``numbers`` are the box numbers used in messages (e.g. the object's
+    position in the annotation file); they default to ``0 .. N-1``.
+
+    Returns ``(boxes float32 (M, 4), labels int64 (M,), difficult bool (M,))``.
+    """
+    raw = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    difficult = np.asarray(difficult, dtype=bool).reshape(-1)
+    if not len(raw) == len(labels) == len(difficult):
+        raise ValueError(f"{len(raw)} boxes, {len(labels)} labels and {len(difficult)} difficult flags")
+    numbers = list(range(len(raw))) if numbers is None else list(numbers)
+
+    clipped = raw.copy()
+    if width is not None:
+        clipped[:, 0::2] = np.clip(clipped[:, 0::2], 0, width)
+    if height is not None:
+        clipped[:, 1::2] = np.clip(clipped[:, 1::2], 0, height)
+    out = clipped.astype(np.float32)
+    # Checked on the float32 result too, so a finite float64 that overflows float32 is caught.
+    finite = np.isfinite(raw).all(axis=1) & np.isfinite(out).all(axis=1)
+    positive = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    good = finite & positive
+
+    tally.count(CLIPPED, int((good & (clipped != raw).any(axis=1)).sum()))
+    for i in np.flatnonzero(~good):
+        coords = ", ".join(f"{v:g}" for v in raw[i])
+        if not finite[i]:
+            problem, reason = f"box #{numbers[i]} [{coords}] has non-finite coordinates", NON_FINITE
+        else:
+            where = f" after clipping to the {width}×{height} image" if (clipped[i] != raw[i]).any() else ""
+            problem, reason = f"box #{numbers[i]} [{coords}] has zero or negative area{where}", NON_POSITIVE
+        tally.report(DatasetError(path, problem), reason=reason)
+    return out[good], labels[good], difficult[good]
+
+
+def image_size(image_path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` read from the image file's header, without decoding the pixels.
+
+    Raises :class:`DatasetError` naming the image when it is missing or not an image.
+    """
+    try:
+        with Image.open(image_path) as image:
+            return image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DatasetError(image_path, f"cannot read the image header ({error})") from error
+
+
+def path_inside(root: str | Path, relative: str) -> Path:
+    """``root / relative`` as a normalised absolute path, refused if it leaves ``root``.
+
+    The check is lexical (``..`` and absolute paths are caught; symlinks inside the tree
+    are followed as usual, so a dataset assembled from links still works). Raises
+    :class:`DatasetError` ("... outside the dataset root") for an escaping path or one
+    containing a NUL character.
+    """
+    base = os.path.normpath(os.path.abspath(root))
+    if "\x00" in relative:
+        raise DatasetError(base, f"path {relative!r} contains a NUL character")
+    full = os.path.normpath(os.path.join(base, relative))
+    if os.path.commonpath([base, full]) != base:
+        raise DatasetError(base, f"path {relative!r} resolves to {full}, outside the dataset root")
+    return Path(full)

@@ -1,0 +1,6 @@
+"""Synthetic datasets written in their publishers' on-disk layouts.
+
+Each generator writes a small dataset exactly as the real one ships, so the real readers
+are what the tests exercise: ``pvel`` (PVEL-AD, Pascal VOC 2007). Command line:
+``python -m elinspect.data.synthetic <generator> --help``.
+"""

@@ -1,0 +1,111 @@
+"""Test a checkpoint.
+
+    python -m elinspect.eval ckpt_path=logs/train/runs/<run>/checkpoints/epoch_004.ckpt
+    python -m elinspect.eval ckpt_path=... data.root=/data/elpv-copy    # same model, other data
+
+The model, data and loss settings stored in the checkpoint are used, so the command needs
+nothing but the checkpoint. A group named on the command line (``data=...``) replaces
+the stored one; ``group.key=value`` changes one field of the stored one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
+from rich.console import Console
+
+import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
+from elinspect.models.base import CHECKPOINT_KEY
+from elinspect.utils.build import (
+    STORED_GROUPS,
+    build_datamodule_and_model,
+    build_trainer,
+    save_resolved_config,
+)
+from elinspect.utils.rich_utils import metrics_table
+from elinspect.utils.task import extras, task_wrapper
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or not an elinspect checkpoint."""
+
+
+def read_checkpoint_meta(ckpt_path: str | Path) -> dict[str, Any]:
+    """The elinspect entry of a checkpoint (model class, task, stored config), read safely."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded safely (weights_only=True): {err}"
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return ckpt.get(CHECKPOINT_KEY) or {}
+
+
+def apply_stored_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[str]) -> None:
+    """Replace each of model/data/loss by the checkpoint's unless chosen on the command line."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    for group in STORED_GROUPS:
+        if group not in stored:
+            continue
+        if any(o.key_or_group == group for o in parsed):
+            log.info("%s: using the command line's choice, not the checkpoint's", group)
+            continue
+        node = OmegaConf.create(stored[group])
+        for o in parsed:
+            if o.key_or_group.startswith(group + "."):
+                value = o.value()
+                OmegaConf.update(
+                    node,
+                    o.key_or_group[len(group) + 1 :],
+                    yaml.safe_load(str(value)) if isinstance(value, str) else value,
+                    force_add=True,
+                )
+        with open_dict(cfg):
+            cfg[group] = node
+
+
+@task_wrapper
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    meta = read_checkpoint_meta(cfg.ckpt_path)
+    if meta.get("config"):
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        apply_stored_config(cfg, meta["config"], overrides)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    save_resolved_config(cfg, cfg.paths.output_dir)
+    datamodule, model = build_datamodule_and_model(cfg)
+    trainer = build_trainer(cfg)
+    trainer.test(model=model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    Console().print(
+        metrics_table(
+            metrics, title=f"test metrics of {cfg.ckpt_path}", caption=getattr(datamodule, "protocol", None)
+        )
+    )
+    return metrics, {"trainer": trainer, "model": model, "datamodule": datamodule}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval.yaml")
+def main(cfg: DictConfig) -> None:
+    extras(cfg)
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Models: each method is an exportable torch ``nn.Module`` wrapped by a LightningModule."""

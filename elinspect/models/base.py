@@ -1,0 +1,59 @@
+"""What every elinspect LightningModule shares: its task, the monitored metric, the
+optimiser/scheduler wiring, and the run's config stored in each checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+
+CHECKPOINT_KEY = "elinspect"
+
+
+class ElinspectModule(L.LightningModule):
+    """Base class. Subclasses set ``task`` (what kind of datamodule they need)."""
+
+    task: ClassVar[str]
+
+    def __init__(
+        self,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        monitor: str = "val/loss",
+        monitor_mode: str = "min",
+    ) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.monitor = monitor
+        self.monitor_mode = monitor_mode
+        # the resolved model/data/loss config of the run; set by the train entry point
+        self.run_config: dict[str, Any] | None = None
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "monitor": self.monitor,
+                "interval": "epoch",
+                "frequency": 1,
+            },
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "model_class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "task": self.task,
+            "config": self.run_config,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.run_config = checkpoint.get(CHECKPOINT_KEY, {}).get("config")

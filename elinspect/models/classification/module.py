@@ -1,0 +1,113 @@
+"""LightningModule for supervised image classification (ELPV cells and the like)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from elinspect.data.info import DatasetInfo
+from elinspect.models.base import ElinspectModule
+
+
+def classification_metrics(num_classes: int) -> MetricCollection:
+    """acc, f1, precision, recall, auroc: of the defective class when binary, else macro."""
+    if num_classes == 2:
+        return MetricCollection(
+            {
+                "acc": BinaryAccuracy(),
+                "f1": BinaryF1Score(),
+                "precision": BinaryPrecision(),
+                "recall": BinaryRecall(),
+                "auroc": BinaryAUROC(),
+            }
+        )
+    kw = {"num_classes": num_classes, "average": "macro"}
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(**kw),
+            "f1": MulticlassF1Score(**kw),
+            "precision": MulticlassPrecision(**kw),
+            "recall": MulticlassRecall(**kw),
+            "auroc": MulticlassAUROC(**kw),
+        }
+    )
+
+
+class ClassifierModule(ElinspectModule):
+    """Trains ``net`` with ``loss`` on ``{"image", "label"}`` batches.
+
+    Logs ``{train,val,test}/{loss,acc,f1,precision,recall,auroc}``.
+    """
+
+    task: ClassVar[str] = "classification"
+
+    def __init__(
+        self,
+        net: Callable[..., nn.Module],
+        dataset: DatasetInfo | dict[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        loss: nn.Module | None = None,
+        monitor: str = "val/f1",
+        monitor_mode: str = "max",
+    ) -> None:
+        super().__init__(optimizer, scheduler, monitor, monitor_mode)
+        info = DatasetInfo.from_dict(dataset)
+        self.save_hyperparameters(
+            {"dataset": info.to_dict(), "monitor": monitor, "monitor_mode": monitor_mode}
+        )
+        self.class_names = info.class_names
+        self.net = net(num_classes=info.num_classes, in_channels=info.in_channels)
+        self.loss = loss if loss is not None else nn.CrossEntropyLoss()
+        metrics = classification_metrics(info.num_classes)
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.binary = info.num_classes == 2
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        logits = self(batch["image"])
+        labels = batch["label"]
+        loss = self.loss(logits, labels)
+        probs = logits.softmax(dim=1)
+        scores = probs[:, 1] if self.binary else probs
+        metrics = getattr(self, f"{split}_metrics")
+        metrics.update(scores, labels)
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log_dict(
+            metrics, on_step=False, on_epoch=True, prog_bar=split != "train", batch_size=len(labels)
+        )
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        probs = self(batch["image"]).softmax(dim=1)
+        return {"probs": probs, "pred": probs.argmax(dim=1)}

@@ -1,0 +1,166 @@
+"""Assemble a torchvision Faster R-CNN (Ren et al. 2015) from a ResNet body, a registered neck and a loss.
+
+Everything detection-specific — RPN, anchors, RoIAlign, NMS, box coding, the resize /
+normalise transform — is torchvision's; this module only wires the parts together:
+:func:`~elinspect.models.detection.backbones.build_resnet_body` →
+:func:`~elinspect.models.detection.necks.build_neck` →
+:class:`~elinspect.models.detection.backbone_with_neck.BackboneWithNeck` →
+:class:`torchvision.models.detection.FasterRCNN` with a
+:class:`~elinspect.models.detection.roi_heads.LossRoIHeads`.
+
+Images enter the model as float tensors in [0, 1] (grey EL images repeated to three
+channels) and are normalised exactly once, by torchvision's ``GeneralizedRCNNTransform``
+with ``image_mean`` / ``image_std`` (ImageNet statistics by default).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
+
+from elinspect.models.detection.backbone_with_neck import BackboneWithNeck
+from elinspect.models.detection.backbones import build_resnet_body
+from elinspect.models.detection.necks import build_neck
+from elinspect.models.detection.roi_heads import LossRoIHeads
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+FASTER_RCNN_KWARGS = frozenset(
+    {
+        "rpn_pre_nms_top_n_train",
+        "rpn_pre_nms_top_n_test",
+        "rpn_post_nms_top_n_train",
+        "rpn_post_nms_top_n_test",
+        "rpn_nms_thresh",
+        "rpn_fg_iou_thresh",
+        "rpn_bg_iou_thresh",
+        "rpn_batch_size_per_image",
+        "rpn_positive_fraction",
+        "rpn_score_thresh",
+        "box_score_thresh",
+        "box_nms_thresh",
+        "box_detections_per_img",
+        "box_fg_iou_thresh",
+        "box_bg_iou_thresh",
+        "box_batch_size_per_image",
+        "box_positive_fraction",
+        "bbox_reg_weights",
+    }
+)
+"""Keyword arguments passed through to :class:`~torchvision.models.detection.FasterRCNN` unchanged."""
+
+
+def neck_output_names(neck: nn.Module, in_channels_list: Sequence[int]) -> list[str]:
+    """The output keys of ``neck``, found by running it once on tiny zero C2..C5 maps (no state change)."""
+    n = len(in_channels_list)
+    features = OrderedDict(
+        (str(i), torch.zeros(1, c, 4 * 2 ** (n - 1 - i), 4 * 2 ** (n - 1 - i)))
+        for i, c in enumerate(in_channels_list)
+    )
+    modes = {m: m.training for m in neck.modules()}
+    neck.eval()
+    try:
+        with torch.no_grad():
+            return list(neck(features).keys())
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def make_anchor_generator(
+    anchor_sizes: Sequence[Sequence[int]], aspect_ratios: Sequence[float] | Sequence[Sequence[float]]
+) -> AnchorGenerator:
+    """torchvision's ``AnchorGenerator``; flat ``aspect_ratios`` are used for every level."""
+    sizes = tuple(tuple(int(s) for s in level) for level in anchor_sizes)
+    if all(isinstance(r, int | float) for r in aspect_ratios):
+        ratios = (tuple(float(r) for r in aspect_ratios),) * len(sizes)
+    else:
+        ratios = tuple(tuple(float(r) for r in level) for level in aspect_ratios)
+    if len(ratios) != len(sizes):
+        raise ValueError(f"got {len(sizes)} anchor size tuples but {len(ratios)} aspect-ratio tuples")
+    per_location = {len(s) * len(r) for s, r in zip(sizes, ratios, strict=True)}
+    if len(per_location) != 1:
+        raise ValueError("every level needs the same number of anchors per location (one RPN head is shared)")
+    return AnchorGenerator(sizes, ratios)
+
+
+def build_faster_rcnn(
+    num_classes: int,
+    backbone: Mapping[str, Any],
+    neck: Mapping[str, Any],
+    classification_loss: nn.Module | None = None,
+    anchor_sizes: Sequence[Sequence[int]] = ((32,), (64,), (128,), (256,), (512,)),
+    aspect_ratios: Sequence[float] | Sequence[Sequence[float]] = (0.5, 1.0, 2.0),
+    min_size: int | Sequence[int] = 800,
+    max_size: int = 1333,
+    fixed_size: Sequence[int] | None = None,
+    image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
+    **kwargs: Any,
+) -> FasterRCNN:
+    """Build a Faster R-CNN from a ResNet body, a registered neck and a ROI classification loss.
+
+    Args:
+        num_classes: number of classes *including* background (label 0).
+        backbone: keyword arguments of :func:`build_resnet_body` — ``depth``, ``weights``,
+            ``frozen_stages``, ``deformable_stages``, ``norm_layer``.
+        neck: ``name`` of a registered neck, ``out_channels`` (default 256) and the neck's
+            own keyword arguments.
+        classification_loss: ROI classification loss ``loss(logits[N, C + 1], labels[N])``;
+            ``None`` is cross-entropy (torchvision's default).
+        anchor_sizes: one tuple of anchor sizes per neck output level (5 for the built-in
+            necks); a mismatch raises ``ValueError``.
+        aspect_ratios: anchor aspect ratios, the same for every level, or one tuple per level.
+        min_size, max_size: torchvision's resize (shorter side to ``min_size``, a tuple of
+            sizes picks one at random per training image, longer side at most ``max_size``).
+        fixed_size: ``(height, width)`` to resize every image to, ignoring ``min_size`` /
+            ``max_size`` (the EBBA paper uses ``(600, 600)``). Note that torchvision's own
+            ``fixed_size`` argument is ``(width, height)``; the swap is done here.
+        image_mean, image_std: normalisation applied by torchvision's transform.
+        **kwargs: the ``rpn_*`` / ``box_*`` / ``bbox_reg_weights`` arguments of
+            :class:`~torchvision.models.detection.FasterRCNN` (see :data:`FASTER_RCNN_KWARGS`).
+    """
+    unknown = sorted(set(kwargs) - FASTER_RCNN_KWARGS)
+    if unknown:
+        raise TypeError(f"unexpected arguments {unknown}; allowed: {sorted(FASTER_RCNN_KWARGS)}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background, so it must be >= 2, got {num_classes}")
+
+    body, in_channels = build_resnet_body(**backbone)
+    neck_kwargs = dict(neck)
+    neck_name = neck_kwargs.pop("name")
+    neck_module = build_neck(neck_name, in_channels, **neck_kwargs)
+    levels = neck_output_names(neck_module, in_channels)
+    if len(anchor_sizes) != len(levels):
+        raise ValueError(
+            f"anchor_sizes has {len(anchor_sizes)} levels but neck {neck_name!r} returns {len(levels)} "
+            f"feature maps {levels}: give one tuple of anchor sizes per neck output"
+        )
+
+    transform_kwargs: dict[str, Any] = {}
+    if fixed_size is not None:
+        height, width = (int(s) for s in fixed_size)
+        transform_kwargs["fixed_size"] = (width, height)
+
+    model = FasterRCNN(
+        BackboneWithNeck(body, neck_module),
+        num_classes=num_classes,
+        min_size=tuple(min_size) if isinstance(min_size, Sequence) else min_size,
+        max_size=max_size,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+        rpn_anchor_generator=make_anchor_generator(anchor_sizes, aspect_ratios),
+        box_roi_pool=MultiScaleRoIAlign([k for k in levels if k != "pool"], output_size=7, sampling_ratio=2),
+        **kwargs,
+        **transform_kwargs,
+    )
+    model.roi_heads = LossRoIHeads.from_roi_heads(model.roi_heads, classification_loss)
+    return model

@@ -1,0 +1,123 @@
+"""Shared fixtures: a network guard, offline W&B, and composed configs with temporary
+output directories."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "conf"
+SHARED = REPO.parent / "shared"
+
+# Overrides that make each dataset small and quick in tests. A dataset config missing
+# here still runs in the model × data grid, with its own defaults. Datasets that need
+# files on disk get them from the session fixtures in ``fast_data_overrides``.
+FAST_DATA_OVERRIDES: dict[str, list[str]] = {
+    "elpv": ["data.image_size=64", "data.batch_size=4", "data.num_workers=0"],
+}
+
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ.pop("WANDB_API_KEY", None)
+os.environ["TORCH_HOME"] = str(REPO / ".pytest_cache" / "torch-home-empty")
+
+
+class NetworkAccessError(RuntimeError):
+    """A test tried to reach a host other than this machine."""
+
+
+def _is_local(address: object) -> bool:
+    if not isinstance(address, tuple):  # AF_UNIX paths, abstract sockets
+        return True
+    host = address[0]
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_network() -> Iterator[None]:
+    """Every connection to a non-loopback address fails loudly during the suite."""
+    original_connect = socket.socket.connect
+    original_connect_ex = socket.socket.connect_ex
+
+    def guarded_connect(self: socket.socket, address: object) -> None:
+        if not _is_local(address):
+            raise NetworkAccessError(f"tests must not touch the network (tried to connect to {address!r})")
+        return original_connect(self, address)
+
+    def guarded_connect_ex(self: socket.socket, address: object) -> int:
+        if not _is_local(address):
+            raise NetworkAccessError(f"tests must not touch the network (tried to connect to {address!r})")
+        return original_connect_ex(self, address)
+
+    socket.socket.connect = guarded_connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = guarded_connect_ex  # type: ignore[method-assign]
+    yield
+    socket.socket.connect = original_connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = original_connect_ex  # type: ignore[method-assign]
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir: Path, fast: bool = True) -> DictConfig:
+    """Compose ``conf/<config_name>`` as the command line would, writing below ``output_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(config_name=config_name, return_hydra_config=True, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir / "logs")
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+        cfg.extras.print_config = False
+        if fast:
+            cfg.trainer.accelerator = "cpu"
+            cfg.trainer.devices = 1
+            cfg.trainer.enable_model_summary = False
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
+    """``make_cfg("train.yaml", [overrides])`` → a composed config writing into tmp_path."""
+    counter = iter(range(1000))
+
+    def make(
+        config_name: str = "train.yaml", overrides: list[str] | None = None, fast: bool = True
+    ) -> DictConfig:
+        out = tmp_path / f"run{next(counter)}"
+        out.mkdir()
+        return compose_config(config_name, overrides or [], out, fast)
+
+    yield make
+    GlobalHydra.instance().clear()
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def fast_data_overrides() -> Callable[[str], list[str]]:
+    """``fast_data_overrides("elpv")`` → the overrides that make that dataset small and quick
+    (generating a synthetic dataset on first use where the dataset needs files)."""
+
+    def overrides(data: str) -> list[str]:
+        return list(FAST_DATA_OVERRIDES.get(data, []))
+
+    return overrides

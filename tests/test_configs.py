@@ -1,0 +1,111 @@
+"""Every config group option composes, and its ``_target_`` nodes instantiate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from omegaconf import OmegaConf
+
+from elinspect.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from elinspect.utils.resolvers import wandb_offline
+from tests.conftest import CONFIG_DIR, group_options
+
+
+def test_train_and_eval_configs_compose(make_cfg) -> None:
+    train = make_cfg("train.yaml")
+    assert train.model._target_ and train.data._target_ and train.trainer._target_
+    assert train.optimized_metric == train.model.monitor == "val/f1"
+    evaluation = make_cfg("eval.yaml", ["ckpt_path=some.ckpt"])
+    assert evaluation.ckpt_path == "some.ckpt"
+    resolved = OmegaConf.to_container(train, resolve=True)
+    assert resolved["paths"]["output_dir"] == train.paths.output_dir
+
+
+@pytest.mark.parametrize("option", group_options("trainer"))
+def test_trainer_options_compose(make_cfg, option: str) -> None:
+    cfg = make_cfg("train.yaml", [f"trainer={option}"], fast=False)
+    assert cfg.trainer._target_ == "lightning.pytorch.trainer.Trainer"
+    if option == "ddp":
+        assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2
+    if option == "gpu":
+        assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize("option", group_options("callbacks"))
+def test_callback_options_instantiate(make_cfg, option: str) -> None:
+    cfg = make_cfg("train.yaml", [f"callbacks={option}"])
+    callbacks = instantiate_callbacks(cfg.callbacks)
+    assert len(callbacks) == sum(1 for v in (cfg.callbacks or {}).values() if "_target_" in v)
+
+
+@pytest.mark.parametrize("option", group_options("logger"))
+def test_logger_options_instantiate_and_always_write_csv(make_cfg, option: str) -> None:
+    cfg = make_cfg("train.yaml", [f"logger={option}"])
+    loggers = instantiate_loggers(cfg.logger, cfg.paths.output_dir)
+    kinds = {type(lg) for lg in loggers}
+    assert CSVLogger in kinds
+    if option in ("wandb", "many", "default"):
+        assert WandbLogger in kinds
+    if option in ("tensorboard", "many"):
+        assert TensorBoardLogger in kinds
+
+
+def test_no_logger_still_writes_csv(make_cfg) -> None:
+    cfg = make_cfg("train.yaml", ["~logger"])
+    assert [type(lg) for lg in instantiate_loggers(cfg.get("logger"), cfg.paths.output_dir)] == [CSVLogger]
+
+
+@pytest.mark.parametrize("option", group_options("debug"))
+def test_debug_options_compose(make_cfg, option: str) -> None:
+    cfg = make_cfg("train.yaml", [f"debug={option}"])
+    assert cfg.trainer.max_epochs >= 1
+    assert cfg.data.num_workers == 0
+
+
+@pytest.mark.parametrize("option", group_options("experiment"))
+def test_experiments_compose(make_cfg, option: str) -> None:
+    cfg = make_cfg("train.yaml", [f"experiment={option}"])
+    hydra.utils.get_class(cfg.model._target_)
+    hydra.utils.get_class(cfg.data._target_)
+
+
+@pytest.mark.parametrize("option", group_options("hparams_search"))
+def test_hparams_searches_compose(make_cfg, option: str) -> None:
+    cfg = make_cfg("train.yaml", [f"hparams_search={option}"])
+    assert cfg.optimized_metric
+
+
+@pytest.mark.parametrize("option", group_options("loss"))
+def test_losses_instantiate(make_cfg, option: str) -> None:
+    cfg = make_cfg("train.yaml", [f"loss={option}"])
+    loss = hydra.utils.instantiate(cfg.loss)
+    assert callable(loss)
+
+
+def test_misspelt_option_is_refused(make_cfg) -> None:
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="modle"):
+        make_cfg("train.yaml", ["modle=classifier"])
+    with pytest.raises(ConfigCompositionException, match="classifer"):
+        make_cfg("train.yaml", ["model=classifer"])
+
+
+def test_run_directories_are_timestamped_to_the_microsecond() -> None:
+    text = (CONFIG_DIR / "hydra" / "default.yaml").read_text()
+    assert "%f" in text
+
+
+def test_wandb_is_offline_without_an_api_key(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert wandb_offline() is True
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_offline() is False
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_offline() is True

@@ -1,0 +1,137 @@
+"""The train and eval entry points: the model × data grid, checkpoints that carry their
+config, reproducibility, output protection, offline W&B."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from omegaconf import open_dict
+
+from elinspect.eval import evaluate
+from elinspect.models.base import CHECKPOINT_KEY
+from elinspect.train import OutputExistsError, train
+from elinspect.utils.compat import IncompatibleConfigError, data_tasks, model_task
+from tests.conftest import FAST_DATA_OVERRIDES, group_options
+
+GRID = [(m, d) for m in group_options("model") for d in group_options("data")]
+
+SHORT_RUN = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "logger=csv",
+]
+
+
+@pytest.mark.parametrize(("model", "data"), GRID)
+def test_every_model_runs_on_every_dataset_it_declares(
+    make_cfg, fast_data_overrides, model: str, data: str
+) -> None:
+    """fast_dev_run for a compatible pair; a clear refusal for an incompatible one."""
+    overrides = [
+        f"model={model}",
+        f"data={data}",
+        "trainer.fast_dev_run=true",
+        "logger=csv",
+        *fast_data_overrides(data),
+    ]
+    cfg = make_cfg("train.yaml", overrides)
+    if model_task(cfg.model) in data_tasks(cfg.data):
+        metrics, objects = train(cfg)
+        assert objects["trainer"].state.finished
+        assert any(k.startswith("test/") for k in metrics), metrics
+        assert all(math.isfinite(v) for v in metrics.values())
+    else:
+        with pytest.raises(IncompatibleConfigError, match=f"model={model} needs"):
+            train(cfg)
+
+
+def test_incompatible_pair_is_refused_with_the_fitting_datasets(make_cfg, monkeypatch) -> None:
+    cfg = make_cfg("train.yaml", FAST_DATA_OVERRIDES["elpv"])
+    # a model needing a task ELPV does not provide
+    model_cls = hydra.utils.get_class(cfg.model._target_)
+    monkeypatch.setattr(model_cls, "task", "detection")
+    with pytest.raises(
+        IncompatibleConfigError,
+        match=r"needs a 'detection' dataset, but data=elpv provides anomaly, classification",
+    ):
+        train(cfg)
+
+
+def test_train_then_eval_from_the_checkpoint(make_cfg) -> None:
+    cfg = make_cfg("train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "data.channels=1"])
+    metrics, objects = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert (out / "config.yaml").is_file()
+    assert (out / "csv" / "version_0" / "metrics.csv").is_file()
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    assert best and Path(best).is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    for split in ("val", "test"):
+        for name in ("loss", "acc", "f1", "precision", "recall", "auroc"):
+            assert f"{split}/{name}" in metrics
+
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    stored = ckpt[CHECKPOINT_KEY]
+    assert stored["task"] == "classification"
+    assert stored["config"]["data"]["channels"] == 1
+
+    # eval rebuilds the model from the checkpoint's own config, though eval.yaml
+    # defaults to 3 channels: the weights would not load otherwise
+    ecfg = make_cfg("eval.yaml", [f"ckpt_path={best}", "logger=csv", "trainer.limit_test_batches=2"])
+    assert ecfg.data.channels == 3
+    eval_metrics, _ = evaluate(ecfg)
+    assert ecfg.data.channels == 1
+    for name in ("test/acc", "test/f1", "test/auroc"):
+        assert eval_metrics[name] == pytest.approx(metrics[name], abs=1e-6)
+
+
+def test_two_runs_with_the_same_seed_give_identical_metrics(make_cfg) -> None:
+    runs = []
+    for _ in range(2):
+        cfg = make_cfg(
+            "train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "seed=7", "trainer.deterministic=true"]
+        )
+        metrics, _ = train(cfg)
+        runs.append({k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))})
+    assert runs[0] == runs[1]
+    other = make_cfg(
+        "train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "seed=8", "trainer.deterministic=true"]
+    )
+    metrics, _ = train(other)
+    assert metrics["test/loss"] != runs[0]["test/loss"]
+
+
+def test_a_run_never_writes_over_earlier_checkpoints(make_cfg) -> None:
+    cfg = make_cfg("train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"]])
+    ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
+    ckpt_dir.mkdir()
+    earlier = ckpt_dir / "last.ckpt"
+    earlier.write_bytes(b"an earlier run")
+    with pytest.raises(OutputExistsError, match="ckpt_path=last"):
+        train(cfg)
+    assert earlier.read_bytes() == b"an earlier run"
+
+
+def test_wandb_offline_run_holds_the_logged_metric(make_cfg) -> None:
+    cfg = make_cfg("train.yaml", [*SHORT_RUN[:-1], *FAST_DATA_OVERRIDES["elpv"], "logger=wandb"])
+    with open_dict(cfg):
+        cfg.test = False
+    metrics, _ = train(cfg)
+    runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = next(runs[0].glob("*.wandb")).read_bytes()
+    # W&B's run file stores each history item as its key followed by its JSON value
+    logged = [
+        float(v) for v in re.findall(rb"val/f1[^0-9-]{1,6}(-?[0-9][0-9.eE+-]*)", records, flags=re.DOTALL)
+    ]
+    assert logged, "val/f1 is not in the offline run"
+    assert any(v == pytest.approx(metrics["val/f1"], rel=1e-5, abs=1e-7) for v in logged), (
+        logged,
+        metrics["val/f1"],
+    )
