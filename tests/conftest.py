@@ -7,6 +7,7 @@ import ipaddress
 import os
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,10 @@ SHARED = REPO.parent / "shared"
 # files on disk get them from the session fixtures in ``fast_data_overrides``.
 FAST_DATA_OVERRIDES: dict[str, list[str]] = {
     "elpv": ["data.image_size=64", "data.batch_size=4", "data.num_workers=0"],
+    **{
+        name: ["data.image_size=64", "data.batch_size=2", "data.num_workers=0"]
+        for name in ("pvel", "voc", "coco")
+    },
 }
 
 os.environ["WANDB_MODE"] = "offline"
@@ -112,12 +117,85 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
+@dataclass(frozen=True)
+class DetectionData:
+    """A small synthetic PVEL-AD and its copies in the other detection formats."""
+
+    pvel_root: Path  # holds VOCdevkit/VOC2007; the same tree is the data=voc dataset
+    coco_root: Path  # annotations/train.json (PVEL-AD trainval) and annotations/test.json
+    image_root: Path  # the JPEGImages directory the COCO file names are relative to
+    summary: dict  # what write_pvel_dataset returned
+
+
+def write_detection_data(out: Path) -> DetectionData:
+    """24 PVEL-AD-like images of 128 px (VOC layout) and COCO files of the same boxes."""
+    from elinspect.data.errors import ErrorTally
+    from elinspect.data.readers import read_voc_split, write_coco
+    from elinspect.data.synthetic.pvel import PVEL_CLASSES, write_pvel_dataset
+
+    summary = write_pvel_dataset(out / "PVEL-AD", num_images=24, seed=0, image_size=128, normal_fraction=0.25)
+    coco_root = out / "COCO"
+    for split, name in (("trainval", "train"), ("test", "test")):
+        records, _ = read_voc_split(summary["root"], split, PVEL_CLASSES, PVEL_CLASSES, ErrorTally("raise"))
+        write_coco(records, PVEL_CLASSES, summary["images"], coco_root / "annotations" / f"{name}.json")
+    return DetectionData(out / "PVEL-AD", coco_root, summary["images"], summary)
+
+
 @pytest.fixture(scope="session")
-def fast_data_overrides() -> Callable[[str], list[str]]:
+def detection_data_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], DetectionData]:
+    """A function that writes the synthetic detection datasets on its first call only."""
+    made: list[DetectionData] = []
+
+    def get() -> DetectionData:
+        if not made:
+            made.append(write_detection_data(tmp_path_factory.mktemp("detection-data")))
+        return made[0]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def detection_data(detection_data_factory: Callable[[], DetectionData]) -> DetectionData:
+    return detection_data_factory()
+
+
+@pytest.fixture(scope="session")
+def fast_data_overrides(
+    detection_data_factory: Callable[[], DetectionData],
+) -> Callable[[str], list[str]]:
     """``fast_data_overrides("elpv")`` → the overrides that make that dataset small and quick
     (generating a synthetic dataset on first use where the dataset needs files)."""
 
     def overrides(data: str) -> list[str]:
-        return list(FAST_DATA_OVERRIDES.get(data, []))
+        fast = list(FAST_DATA_OVERRIDES.get(data, []))
+        if data in ("pvel", "voc"):
+            fast.append(f"data.root='{detection_data_factory().pvel_root}'")
+        elif data == "coco":
+            made = detection_data_factory()
+            fast += [f"data.root='{made.coco_root}'", f"data.image_root='{made.image_root}'"]
+        return fast
 
     return overrides
+
+
+# What makes any detector small enough for a CPU test: ResNet-18, 64-px inputs, few proposals.
+FAST_DETECTOR_OVERRIDES = [
+    "model.detector.backbone.depth=18",
+    "model.detector.min_size=64",
+    "model.detector.max_size=64",
+    "model.detector.fixed_size=null",
+    "model.detector.rpn_pre_nms_top_n_train=100",
+    "model.detector.rpn_post_nms_top_n_train=50",
+    "model.detector.rpn_pre_nms_top_n_test=100",
+    "model.detector.rpn_post_nms_top_n_test=50",
+    "model.detector.box_batch_size_per_image=64",
+]
+
+
+def fast_model_overrides(model: str) -> list[str]:
+    """Overrides that make ``conf/model/<model>.yaml`` quick; any config with a ``detector``
+    node (every detection model, present and future) gets the small-detector settings."""
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.load(CONFIG_DIR / "model" / f"{model}.yaml")
+    return list(FAST_DETECTOR_OVERRIDES) if "detector" in spec else []

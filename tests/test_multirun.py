@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+
+from elinspect.report import report
 from elinspect.utils.task import FAILED_MARKER
 from tests.conftest import REPO
 
@@ -31,3 +34,11 @@ def test_multirun_keeps_going_past_a_failing_job(tmp_path: Path) -> None:
     failure = (sweep / "1" / FAILED_MARKER).read_text()
     assert "fold must lie in 0..3" in failure
     assert (sweep / "multirun.yaml").is_file()
+    # the report turns the sweep into one table, offline, from the CSV logs
+    table = report(sweep, metrics=["test/f1", "test/acc"])
+    assert list(table["n"]) == [1]  # the failed job is left out of the aggregate
+    logged_f1 = pd.read_csv(sweep / "0" / "csv" / "version_0" / "metrics.csv")["test/f1"].dropna().iloc[-1]
+    assert table["test/f1"].iloc[0] == f"{logged_f1:.4f}"
+    assert "test/f1" in (sweep / "report.md").read_text()
+    per_job = report(sweep, metrics=["test/f1"], per_job=True)
+    assert set(per_job["status"]) == {"ok", "failed"}

@@ -16,7 +16,7 @@ from elinspect.eval import evaluate
 from elinspect.models.base import CHECKPOINT_KEY
 from elinspect.train import OutputExistsError, train
 from elinspect.utils.compat import IncompatibleConfigError, data_tasks, model_task
-from tests.conftest import FAST_DATA_OVERRIDES, group_options
+from tests.conftest import FAST_DATA_OVERRIDES, fast_model_overrides, group_options
 
 GRID = [(m, d) for m in group_options("model") for d in group_options("data")]
 
@@ -135,3 +135,25 @@ def test_wandb_offline_run_holds_the_logged_metric(make_cfg) -> None:
         logged,
         metrics["val/f1"],
     )
+
+
+@pytest.mark.parametrize("loss", group_options("loss"))
+@pytest.mark.parametrize("model", group_options("model"))
+def test_every_model_trains_with_every_loss(make_cfg, fast_data_overrides, model: str, loss: str) -> None:
+    """The loss axis composes with every model: the chosen loss is the one that trains."""
+    probe = make_cfg("train.yaml", [f"model={model}"])
+    data = next(
+        d
+        for d in group_options("data")
+        if model_task(probe.model) in data_tasks(make_cfg("train.yaml", [f"data={d}"]).data)
+    )
+    overrides = [f"model={model}", f"data={data}", f"loss={loss}", "trainer.fast_dev_run=true", "logger=csv"]
+    cfg = make_cfg("train.yaml", [*overrides, *fast_data_overrides(data), *fast_model_overrides(model)])
+    metrics, objects = train(cfg)
+    used = [
+        m
+        for m in objects["model"].modules()
+        if type(m).__name__ == hydra.utils.get_class(cfg.loss._target_).__name__
+    ]
+    assert used, f"{cfg.loss._target_} is not part of the trained model"
+    assert all(math.isfinite(v) for v in metrics.values())

@@ -4,5 +4,6 @@ Every loss is an ``nn.Module`` called as ``loss(logits[N, C], target[N]) -> Tens
 """
 
 from elinspect.losses.focal import FocalLoss
+from elinspect.losses.sdfl import ScaledDynamicFocalLoss, alpha_from_counts
 
-__all__ = ["FocalLoss"]
+__all__ = ["FocalLoss", "ScaledDynamicFocalLoss", "alpha_from_counts"]

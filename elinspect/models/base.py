@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 CHECKPOINT_KEY = "elinspect"
+SCHEDULER_INTERVALS = ("epoch", "step")
 
 
 class ElinspectModule(L.LightningModule):
@@ -23,10 +24,18 @@ class ElinspectModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         monitor: str = "val/loss",
         monitor_mode: str = "min",
+        scheduler_interval: str = "epoch",
     ) -> None:
         super().__init__()
+        if scheduler_interval not in SCHEDULER_INTERVALS:
+            raise ValueError(
+                f"scheduler_interval must be one of {SCHEDULER_INTERVALS}, got {scheduler_interval!r}"
+            )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        # "step": the scheduler steps after every optimiser step (iteration-based schedules,
+        # e.g. the EBBA paper's decay at 15k and 30k iterations); "epoch": after every epoch
+        self.scheduler_interval = scheduler_interval
         self.monitor = monitor
         self.monitor_mode = monitor_mode
         # the resolved model/data/loss config of the run; set by the train entry point
@@ -43,7 +52,7 @@ class ElinspectModule(L.LightningModule):
             "lr_scheduler": {
                 "scheduler": scheduler,
                 "monitor": self.monitor,
-                "interval": "epoch",
+                "interval": self.scheduler_interval,
                 "frequency": 1,
             },
         }

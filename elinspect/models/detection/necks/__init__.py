@@ -49,6 +49,6 @@ def build_neck(name: str, in_channels_list: list[int], out_channels: int = 256, 
 
 
 # Built-in necks register themselves on import; add new neck modules here.
-from elinspect.models.detection.necks import fpn, pafpn  # noqa: E402, F401
+from elinspect.models.detection.necks import bafpn, ebfpn, fpn, pafpn  # noqa: E402, F401
 
 __all__ = ["NECKS", "build_neck", "register_neck"]

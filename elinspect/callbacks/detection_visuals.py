@@ -1,0 +1,139 @@
+"""Pictures of a detector's validation predictions next to the ground truth (issue 3 item 8).
+
+At the end of every ``every_n_epochs``-th validation epoch the first ``num_images``
+validation images are drawn with their ground-truth boxes (green; difficult ones yellow)
+and the predicted boxes with ``score >= score_threshold`` (red, labelled
+``<class> <score>``), saved as ``<trainer.default_root_dir>/visuals/epoch_XXX/NN.png`` and,
+when a :class:`~lightning.pytorch.loggers.WandbLogger` is attached, logged to W&B under
+``val/visuals``. The predictions are the ones ``validation_step`` returns (no extra
+forward pass); a module whose ``validation_step`` returns nothing is run once more on
+those images. The sanity-check validation is skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+from torchvision.io import write_png
+from torchvision.utils import draw_bounding_boxes
+
+GT_COLOUR = "lime"
+DIFFICULT_COLOUR = "yellow"
+PRED_COLOUR = "red"
+
+
+def draw_detections(
+    image: Tensor,
+    target: dict[str, Tensor] | None,
+    pred: dict[str, Tensor] | None,
+    class_names: list[str] | None = None,
+    score_threshold: float = 0.3,
+) -> Tensor:
+    """``image`` (C×H×W float in [0, 1] or uint8) with ground-truth and predicted boxes, as uint8 3×H×W."""
+    image = image.detach().cpu()
+    if image.is_floating_point():
+        image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+
+    def name(label: int) -> str:
+        if class_names and 1 <= label <= len(class_names):
+            return class_names[label - 1]
+        return str(label)
+
+    if target is not None and len(target["boxes"]):
+        difficult = target.get("difficult")
+        difficult = [False] * len(target["boxes"]) if difficult is None else difficult.tolist()
+        image = draw_bounding_boxes(
+            image,
+            target["boxes"].detach().cpu().float(),
+            labels=[name(int(label)) for label in target["labels"]],
+            colors=[DIFFICULT_COLOUR if d else GT_COLOUR for d in difficult],
+            width=2,
+        )
+    if pred is not None:
+        keep = pred["scores"] >= score_threshold
+        if keep.any():
+            image = draw_bounding_boxes(
+                image,
+                pred["boxes"][keep].detach().cpu().float(),
+                labels=[
+                    f"{name(int(label))} {float(score):.2f}"
+                    for label, score in zip(pred["labels"][keep], pred["scores"][keep], strict=True)
+                ],
+                colors=PRED_COLOUR,
+                width=2,
+            )
+    return image
+
+
+class DetectionVisualsCallback(L.Callback):
+    """Draw ground truth and predictions on a few validation images (see the module docstring)."""
+
+    def __init__(self, num_images: int = 4, every_n_epochs: int = 1, score_threshold: float = 0.3) -> None:
+        super().__init__()
+        if num_images < 1 or every_n_epochs < 1:
+            raise ValueError("num_images and every_n_epochs must be >= 1")
+        self.num_images = num_images
+        self.every_n_epochs = every_n_epochs
+        self.score_threshold = score_threshold
+        self._samples: list[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]] = []
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._samples = []
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._active(trainer) or len(self._samples) >= self.num_images:
+            return
+        images, targets = batch
+        preds = outputs
+        if not isinstance(preds, list | tuple) or len(preds) != len(images):
+            with torch.no_grad():
+                preds = pl_module(list(images))
+        for image, target, pred in zip(images, targets, preds, strict=True):
+            if len(self._samples) >= self.num_images:
+                break
+            self._samples.append(
+                (
+                    image.detach().cpu(),
+                    {k: v.detach().cpu() for k, v in target.items() if torch.is_tensor(v)},
+                    {k: v.detach().cpu() for k, v in pred.items()},
+                )
+            )
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._active(trainer) or not self._samples or not trainer.is_global_zero:
+            self._samples = []
+            return
+        class_names = list(getattr(pl_module, "class_names", []) or [])
+        directory = Path(trainer.default_root_dir) / "visuals" / f"epoch_{trainer.current_epoch:03d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        pictures, captions = [], []
+        for i, (image, target, pred) in enumerate(self._samples):
+            picture = draw_detections(image, target, pred, class_names, self.score_threshold)
+            write_png(picture, str(directory / f"{i:02d}.png"))
+            pictures.append(picture.permute(1, 2, 0).numpy())
+            image_id = target.get("image_id")
+            captions.append(f"image {int(image_id)}" if image_id is not None else f"image {i}")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(
+                    key="val/visuals", images=pictures, caption=captions, step=trainer.global_step
+                )
+        self._samples = []

@@ -1,0 +1,259 @@
+"""Detection metrics: COCO-style mAP with per-class AP@0.5 and recall, and a confusion matrix with background.
+
+Batches follow the detection contract (DESIGN §3, the detection datamodules): predictions
+are torchvision's ``{"boxes" (N, 4) xyxy, "scores" (N,), "labels" (N,)}``; targets are
+``{"boxes", "labels" (1-based, 0 = background), "difficult" (N,) bool, ...}``.
+
+**mAP** (:class:`DetectionMetrics`) is torchmetrics' ``MeanAveragePrecision`` on the
+``faster_coco_eval`` backend. The EBBA paper (DESIGN §2) reports AP@0.5 per class, mAP@0.5
+and recall; torchmetrics' ``class_metrics`` gives per-class AP averaged over IoU 0.5:0.95
+and per-class recall averaged over the same thresholds, so a second metric restricted to
+``iou_thresholds=[0.5]`` supplies the per-class AP@0.5 and recall@0.5. Points to know when
+comparing with numbers from VOC tools (mmdetection's ``eval_map``, the VOC devkit):
+
+- AP is COCO's 101-point interpolated precision, not VOC2007's 11-point nor VOC2010's
+  area under the curve (one of two boxes found at precision 1: COCO 0.505, VOC2010 0.5);
+- at most 100 detections per image are scored (COCO's ``maxDets``), however many the
+  model returns: ``mar_100`` is the recall of those;
+- ``difficult`` boxes are passed as ``iscrowd`` (VOC convention: neither a miss nor a
+  match; faster_coco_eval honours ``iscrowd``, tested). COCO matches a detection to a crowd
+  region by intersection over the *detection's* area, not IoU, so a small detection lying
+  inside a large difficult box is ignored, where VOC would count it as a false positive.
+
+**Confusion matrix** (:class:`DetectionConfusionMatrix`, the EBBA paper's Fig. 12): rows are
+the true class, columns the predicted class, both with a last ``background`` entry: row
+``background`` counts false positives (a detection matching no box), column ``background``
+counts misses (a box no detection matched).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.ops import box_iou
+
+BACKGROUND = "background"
+
+
+@contextmanager
+def quiet_coco_eval() -> Iterator[None]:
+    """Silence faster_coco_eval's summary tables: it logs them at INFO (torchmetrics only redirects
+    stdout), one table per metric and class, which would flood the run's log every epoch."""
+    logger = logging.getLogger("faster_coco_eval")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def metric_targets(targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """Targets as ``MeanAveragePrecision`` takes them: ``difficult`` boxes become ``iscrowd`` (ignored)."""
+    out = []
+    for t in targets:
+        difficult = t.get("difficult")
+        if difficult is None:
+            difficult = torch.zeros_like(t["labels"], dtype=torch.bool)
+        out.append({"boxes": t["boxes"], "labels": t["labels"], "iscrowd": difficult.to(torch.int64)})
+    return out
+
+
+def metric_preds(preds: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    return [{"boxes": p["boxes"], "scores": p["scores"], "labels": p["labels"]} for p in preds]
+
+
+def _mean_ap(**kwargs) -> MeanAveragePrecision:
+    metric = MeanAveragePrecision(
+        box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", class_metrics=True, **kwargs
+    )
+    # a detector may return more boxes per image than COCO's 100 (the EBBA setting keeps
+    # 1000); only the 100 best of each image are scored, as documented above
+    metric.warn_on_many_detections = False
+    return metric
+
+
+class DetectionMetrics(nn.Module):
+    """mAP@0.5 (headline), mAP@0.5:0.95, recall and per-class AP / recall under class names.
+
+    :meth:`compute` returns (keys without the split prefix)
+
+    - ``map_50``, ``map``, ``mar_100``: over all classes;
+    - ``ap_50/<class>``, ``recall/<class>``: AP and recall (100 detections per image) at IoU 0.5;
+    - ``ap/<class>``: AP averaged over IoU 0.5:0.95.
+
+    A class without any (non-difficult) ground-truth box in the evaluated data has no AP
+    (COCO reports -1); its per-class entries are left out. ``class_names[i - 1]`` names label ``i``.
+    """
+
+    def __init__(self, class_names: Sequence[str]) -> None:
+        super().__init__()
+        self.class_names = list(class_names)
+        self.coco = _mean_ap()
+        self.iou50 = _mean_ap(iou_thresholds=[0.5])
+
+    def update(self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]) -> None:
+        preds, targets = metric_preds(preds), metric_targets(targets)
+        self.coco.update(preds, targets)
+        self.iou50.update(preds, targets)
+
+    @property
+    def updated(self) -> bool:
+        return self.coco.update_called
+
+    def compute(self) -> dict[str, Tensor]:
+        with quiet_coco_eval():
+            coco = self.coco.compute()
+            iou50 = self.iou50.compute()
+        out = {"map_50": coco["map_50"], "map": coco["map"], "mar_100": coco["mar_100"]}
+        per_class = {
+            "ap": (coco["classes"], coco["map_per_class"]),
+            "ap_50": (iou50["classes"], iou50["map_per_class"]),
+            "recall": (iou50["classes"], iou50["mar_100_per_class"]),
+        }
+        for name, (labels, values) in per_class.items():
+            for label, value in zip(labels.reshape(-1).tolist(), values.reshape(-1), strict=True):
+                if value >= 0 and 1 <= label <= len(self.class_names):
+                    out[f"{name}/{self.class_names[label - 1]}"] = value
+        return out
+
+    def reset(self) -> None:
+        self.coco.reset()
+        self.iou50.reset()
+
+
+def confusion_counts(
+    pred: dict[str, Tensor],
+    target: dict[str, Tensor],
+    num_classes: int,
+    iou_threshold: float = 0.5,
+    score_threshold: float = 0.5,
+) -> Tensor:
+    """The ``(C + 1) × (C + 1)`` confusion counts of one image (index ``C`` = background).
+
+    Greedy matching, class-agnostic so that confusions between classes show: detections
+    with ``score >= score_threshold`` are taken in order of decreasing score; each is matched
+    to the still unmatched, non-difficult box of highest IoU if that IoU is ``>= iou_threshold``
+    (count at [true class, predicted class]); failing that, a detection overlapping a
+    difficult box by ``iou_threshold`` is dropped (VOC convention); any other detection is a
+    false positive (row background). Boxes left unmatched are misses (column background);
+    difficult boxes are never counted.
+    """
+    counts = torch.zeros(num_classes + 1, num_classes + 1, dtype=torch.int64)
+    bg = num_classes
+    keep = pred["scores"] >= score_threshold
+    order = pred["scores"][keep].argsort(descending=True)
+    p_boxes = pred["boxes"][keep][order].float().cpu()
+    p_labels = pred["labels"][keep][order].cpu() - 1
+    t_boxes = target["boxes"].float().cpu()
+    t_labels = target["labels"].cpu() - 1
+    difficult = target.get("difficult")
+    difficult = torch.zeros(len(t_labels), dtype=torch.bool) if difficult is None else difficult.cpu().bool()
+    iou = box_iou(p_boxes, t_boxes)  # (P, T)
+    matched = torch.zeros(len(t_labels), dtype=torch.bool)
+    for i, p_label in enumerate(p_labels.tolist()):
+        candidates = iou[i].masked_fill(matched | difficult, -1.0)
+        best = int(candidates.argmax()) if len(candidates) else -1
+        if best >= 0 and candidates[best] >= iou_threshold:
+            matched[best] = True
+            counts[t_labels[best], p_label] += 1
+        elif bool((iou[i][difficult] >= iou_threshold).any()):
+            continue
+        else:
+            counts[bg, p_label] += 1
+    for t_label in t_labels[~matched & ~difficult].tolist():
+        counts[t_label, bg] += 1
+    return counts
+
+
+class DetectionConfusionMatrix(Metric):
+    """Confusion counts at IoU ``iou_threshold`` summed over images (see :func:`confusion_counts`).
+
+    ``compute()`` returns the ``(C + 1) × (C + 1)`` int64 matrix: rows true class, columns
+    predicted class, last row / column background.
+    """
+
+    full_state_update = False
+    matrix: Tensor
+
+    def __init__(self, num_classes: int, iou_threshold: float = 0.5, score_threshold: float = 0.5) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.iou_threshold = iou_threshold
+        self.score_threshold = score_threshold
+        self.add_state(
+            "matrix",
+            default=torch.zeros(num_classes + 1, num_classes + 1, dtype=torch.int64),
+            dist_reduce_fx="sum",
+        )
+
+    def update(self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]) -> None:
+        for pred, target in zip(preds, targets, strict=True):
+            counts = confusion_counts(
+                pred, target, self.num_classes, self.iou_threshold, self.score_threshold
+            )
+            self.matrix += counts.to(self.matrix.device)
+
+    def compute(self) -> Tensor:
+        return self.matrix
+
+
+def save_confusion_matrix(
+    matrix: Tensor, class_names: Sequence[str], directory: str | Path, title: str = ""
+) -> tuple[Path, Path]:
+    """Write ``confusion_matrix.csv`` (counts) and ``confusion_matrix.png`` (row percentages and counts).
+
+    The PNG shows each row normalised to 100 % as the EBBA paper's Fig. 12 does ("8.9 % of
+    star crack defects are misclassified as crack"); the background row holds false
+    positives, so it is normalised over the false positives. Drawn with matplotlib's
+    object API (Agg canvas), without pyplot or a global backend switch.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [*class_names, BACKGROUND]
+    counts = matrix.detach().cpu().to(torch.int64)
+    csv_path = directory / "confusion_matrix.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *names])
+        for name, row in zip(names, counts.tolist(), strict=True):
+            writer.writerow([name, *row])
+
+    rows = counts.sum(dim=1, keepdim=True).clamp(min=1)
+    share = (counts / rows).numpy()
+    size = 1.2 + 0.7 * len(names)
+    fig = Figure(figsize=(size + 1.5, size))
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix (IoU 0.5)")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if counts[i, j] > 0:
+                colour = "white" if share[i, j] > 0.5 else "black"
+                ax.text(
+                    j,
+                    i,
+                    f"{100 * share[i, j]:.1f}%\n{int(counts[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color=colour,
+                )
+    fig.tight_layout()
+    png_path = directory / "confusion_matrix.png"
+    fig.savefig(png_path, dpi=120)
+    return csv_path, png_path
