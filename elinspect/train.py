@@ -96,6 +96,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def main(cfg: DictConfig) -> float | None:
     extras(cfg)
     metrics, _ = train(cfg)
+    if not cfg.get("train"):
+        return None  # nothing was optimised
     value = metric_value(metrics, cfg.get("optimized_metric"))
     if value is not None and math.isnan(value):
         log.warning("the optimised metric %s is NaN for this job", cfg.get("optimized_metric"))

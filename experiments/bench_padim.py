@@ -206,7 +206,8 @@ def worker(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {"method": args.worker, "status": "ok", **METHODS[args.worker](args, args.fit_images)}
-    result["peak_total_mib"] = proc_status_mib("VmHWM")
+    if result["status"] == "ok":
+        result["peak_total_mib"] = proc_status_mib("VmHWM")
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
@@ -218,7 +219,11 @@ def spawn(args: argparse.Namespace, method: str, n_fit: int, passthrough: list[s
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX) :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"method": method, "status": f"failed (rc {proc.returncode}): {tail[0][:120]}", "fit_images": n_fit}
+    return {
+        "method": method,
+        "status": f"failed (rc {proc.returncode}): {tail[0][:120]}",
+        "fit_images": n_fit,
+    }
 
 
 def fmt(value: object, digits: int = 1) -> str:
@@ -255,7 +260,9 @@ def table(rows: list[dict]) -> str:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=64, help="defect-free training images to fit on (N)")
-    parser.add_argument("--fit-doubling", action="store_true", help="also fit on 2N images; compare peak memory")
+    parser.add_argument(
+        "--fit-doubling", action="store_true", help="also fit on 2N images; compare peak memory"
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--test-limit", type=int, default=None, help="score only the first M test images")
     parser.add_argument("--image-size", type=int, default=224)
@@ -292,7 +299,12 @@ def main(argv: list[str] | None = None) -> None:
         worker(args)
         return
     sizes = [args.limit, 2 * args.limit] if args.fit_doubling else [args.limit]
-    rows = [spawn(args, method, n, passthrough) for method in args.methods for n in sizes]
+    rows = []
+    for method in args.methods:
+        for n in sizes:
+            rows.append(spawn(args, method, n, passthrough))
+            if rows[-1]["status"] != "ok":  # not installed or failed: no second size
+                break
     protocol = next((r["protocol"] for r in rows if "protocol" in r), "–")
     weights = args.weights or "null (random init: AUROC says nothing about PaDiM's accuracy)"
     print(f"command: `{' '.join([Path(sys.executable).name, 'experiments/bench_padim.py', *sys.argv[1:]])}`")

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import hydra
 import pytest
+import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import OmegaConf
 
+from elinspect.utils.build import effective_loss_config, model_config
 from elinspect.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from elinspect.utils.resolvers import wandb_offline
 from tests.conftest import CONFIG_DIR, group_options
@@ -81,8 +83,26 @@ def test_hparams_searches_compose(make_cfg, option: str) -> None:
 @pytest.mark.parametrize("option", group_options("loss"))
 def test_losses_instantiate(make_cfg, option: str) -> None:
     cfg = make_cfg("train.yaml", [f"loss={option}"])
-    loss = hydra.utils.instantiate(cfg.loss)
-    assert callable(loss)
+    loss = hydra.utils.instantiate(effective_loss_config(cfg))
+    assert isinstance(loss, torch.nn.Module)
+
+
+@pytest.mark.parametrize(
+    ("model", "loss"),
+    [
+        ("classifier", "CrossEntropyLoss"),
+        ("faster_rcnn", "CrossEntropyLoss"),
+        ("baf", "CrossEntropyLoss"),
+        ("ebba", "ScaledDynamicFocalLoss"),
+    ],
+)
+def test_loss_auto_is_each_models_own_default(make_cfg, model: str, loss: str) -> None:
+    cfg = make_cfg("train.yaml", [f"model={model}"])
+    assert cfg.loss.auto
+    assert effective_loss_config(cfg)._target_.endswith(loss)
+    assert "default_loss" not in model_config(cfg)  # not a constructor argument
+    chosen = make_cfg("train.yaml", [f"model={model}", "loss=focal"])
+    assert effective_loss_config(chosen)._target_ == "elinspect.losses.FocalLoss"
 
 
 def test_misspelt_option_is_refused(make_cfg) -> None:

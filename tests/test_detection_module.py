@@ -27,7 +27,7 @@ from elinspect.losses import FocalLoss
 from elinspect.metrics import DetectionConfusionMatrix, DetectionMetrics, confusion_counts
 from elinspect.models.base import CHECKPOINT_KEY
 from elinspect.models.detection import DetectionModule, build_faster_rcnn
-from elinspect.utils.build import build_loss
+from elinspect.utils.build import build_loss, effective_loss_config, model_config
 
 CLASSES = ["crack", "finger", "black_core"]
 DATASET = {"task": "detection", "class_names": CLASSES, "in_channels": 3, "class_counts": [2, 2, 2]}
@@ -252,8 +252,8 @@ def test_training_step_returns_a_finite_loss_of_the_torchvision_terms() -> None:
 @pytest.mark.parametrize(("loss_name", "loss_type"), [("focal", FocalLoss), ("ce", nn.CrossEntropyLoss)])
 def test_the_loss_group_reaches_the_roi_head(make_cfg, loss_name: str, loss_type: type) -> None:
     cfg = make_cfg("train.yaml", ["model=faster_rcnn", f"loss={loss_name}", *TINY_OVERRIDES])
-    loss = build_loss(cfg.loss, DatasetInfo.from_dict(DATASET))
-    module = hydra.utils.instantiate(cfg.model, dataset=DATASET, loss=loss, _convert_="all")
+    loss = build_loss(effective_loss_config(cfg), DatasetInfo.from_dict(DATASET))
+    module = hydra.utils.instantiate(model_config(cfg), dataset=DATASET, loss=loss, _convert_="all")
     assert isinstance(module, DetectionModule) and module.class_names == CLASSES
     heads = module.model.roi_heads
     assert isinstance(heads.classification_loss, loss_type) and heads.classification_loss is loss

@@ -152,6 +152,7 @@ def test_resize_max_pools_down_and_interpolates_up_to_exact_sizes() -> None:
     [
         ("ebfpn", {}),
         ("ebfpn", {"balanced_attention": False, "cross_layer": False}),
+        ("ebfpn", {"bottom_up": False}),
         ("ebfpn", {"heads": 4, "temperature": "learnable"}),
         ("bafpn", {}),
         ("bafpn", {"placement": "in_path", "temperature": "learnable"}),
@@ -216,6 +217,19 @@ def test_ebfpn_options_remove_their_parameters() -> None:
     b = no_ba.bottom_up(no_ba.top_down(list(features.values())), list(features.values()))
     for i, fmap in enumerate(b):
         torch.testing.assert_close(no_ba(features)[str(i)], fmap)  # outputs are B2..B5 as they are
+
+
+def test_ebfpn_without_bottom_up_puts_balanced_attention_on_plain_fpn_levels() -> None:
+    torch.manual_seed(0)
+    neck = build_neck("ebfpn", R18_CHANNELS, out_channels=8, bottom_up=False)
+    assert neck.bottom_up is None
+    assert not any(n.startswith("bottom_up") for n, _ in neck.named_parameters())
+    features = pyramid(EVEN)
+    p = neck.top_down(list(features.values()))
+    h = neck.balanced_attention(p)
+    out = neck(features)
+    for i in range(4):
+        torch.testing.assert_close(out[str(i)], h[i])
 
 
 def test_ebfpn_cross_layer_skip_carries_the_backbone_level_to_the_bottom_up_path() -> None:

@@ -269,3 +269,9 @@ def test_backbone_stays_in_eval_mode() -> None:
     torch.testing.assert_close(twin.embed(images), model.embed(images))
     torch.testing.assert_close(twin.embed(images[:1]), model.embed(images)[:1], rtol=1e-4, atol=1e-4)
     assert int(twin.extractor.bn1.num_batches_tracked) == 0  # batch-norm statistics never move
+
+
+def test_fitted_model_exports_with_torch_export(fitted: Padim) -> None:
+    images = smooth_textures(2, seed=5)
+    exported = torch.export.export(fitted, (images,))
+    torch.testing.assert_close(exported.module()(images), fitted(images))

@@ -15,6 +15,7 @@ from omegaconf import open_dict
 from elinspect.eval import evaluate
 from elinspect.models.base import CHECKPOINT_KEY
 from elinspect.train import OutputExistsError, train
+from elinspect.utils.build import effective_loss_config
 from elinspect.utils.compat import IncompatibleConfigError, data_tasks, model_task
 from tests.conftest import FAST_DATA_OVERRIDES, fast_model_overrides, group_options
 
@@ -153,7 +154,7 @@ def test_every_model_trains_with_every_loss(make_cfg, fast_data_overrides, model
     used = [
         m
         for m in objects["model"].modules()
-        if type(m).__name__ == hydra.utils.get_class(cfg.loss._target_).__name__
+        if type(m).__name__ == hydra.utils.get_class(effective_loss_config(cfg)._target_).__name__
     ]
-    assert used, f"{cfg.loss._target_} is not part of the trained model"
+    assert used, f"{effective_loss_config(cfg)._target_} is not part of the trained model"
     assert all(math.isfinite(v) for v in metrics.values())

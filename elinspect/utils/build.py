@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from elinspect.data.info import DatasetInfo
@@ -35,6 +35,23 @@ def group_choices() -> dict[str, str]:
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if isinstance(v, str)}
 
 
+def effective_loss_config(cfg: DictConfig) -> DictConfig | None:
+    """The ``loss`` group's choice; ``loss=auto`` (the default) means the model's own
+    ``default_loss`` (cross-entropy for most models, SDFL for ``model=ebba``)."""
+    loss_cfg = cfg.get("loss")
+    if loss_cfg is not None and loss_cfg.get("auto"):
+        return cfg.model.get("default_loss")
+    return loss_cfg
+
+
+def model_config(cfg: DictConfig) -> DictConfig:
+    """``cfg.model`` without the keys that are not constructor arguments."""
+    node = cfg.model.copy()
+    with open_dict(node):
+        node.pop("default_loss", None)
+    return node
+
+
 def build_loss(loss_cfg: DictConfig | None, info: DatasetInfo) -> nn.Module | None:
     """Instantiate the ``loss`` group; a loss that weighs classes gets the training counts."""
     if not loss_cfg:
@@ -50,10 +67,10 @@ def build_datamodule_and_model(cfg: DictConfig) -> tuple[L.LightningDataModule, 
     log.info("instantiating datamodule <%s>", cfg.data._target_)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     info: DatasetInfo = datamodule.info
-    loss = build_loss(cfg.get("loss"), info)
+    loss = build_loss(effective_loss_config(cfg), info)
     log.info("instantiating model <%s>", cfg.model._target_)
     model: ElinspectModule = hydra.utils.instantiate(
-        cfg.model, dataset=info.to_dict(), loss=loss, _convert_="all"
+        model_config(cfg), dataset=info.to_dict(), loss=loss, _convert_="all"
     )
     model.run_config = stored_config(cfg)
     return datamodule, model

@@ -9,6 +9,8 @@ semi-orthogonal embedding of Kim et al. 2021 ("Semi-orthogonal embedding for eff
 unsupervised anomaly segmentation"): a fixed D×k matrix W with orthonormal columns, the
 Q of the QR decomposition of a seeded Gaussian matrix. PaDiM's random channel subset is
 the special case ``embedding="random_select"`` (W made of k columns of the identity).
+W (or the channel list) is a persistent buffer, so a checkpoint does not depend on how a
+later torch version draws random numbers.
 
 Choices (the papers leave them open; each one is a parameter):
 
@@ -22,14 +24,16 @@ Choices (the papers leave them open; each one is a parameter):
   (P×k×k) per position, in float64, and the image count; memory does not depend on the
   number of images (P = 64·64, k = 100: 4096·100·100·8 B = 328 MB for Σxxᵀ). Under DDP
   sum Σx, Σxxᵀ and n over ranks (:meth:`sums` gives the live buffers for an in-place
-  ``all_reduce(SUM)``; :meth:`load_sums` takes reduced copies) before :meth:`finalize`.
+  ``all_reduce(SUM)``; :meth:`load_sums` takes reduced copies, e.g. of Lightning's
+  ``strategy.reduce(t, reduce_op="sum")``) before :meth:`finalize`.
   The sums are non-persistent buffers: a checkpoint holds the fitted Gaussian, not them.
 * :meth:`finalize` computes the unbiased covariance, adds ε·I (PaDiM: ε = 0.01), and
-  stores the mean and the inverse Cholesky factor W = L⁻¹ of Σ + ε·I (float32, persistent
-  buffers), so that the squared distance is ``‖W (x − μ)‖²``: one batched matrix product
-  per chunk of positions, never negative. On CPU (4096 positions, k = 100, 16 images) this
-  took 45–65 ms, the precision-matrix form ``(x − μ)ᵀ Σ⁻¹ (x − μ)`` 65–155 ms,
-  ``solve_triangular`` with L 55–300 ms and ``cholesky_solve`` 0.3–2.7 s.
+  stores the mean and the inverse Cholesky factor L⁻¹ (L Lᵀ = Σ + ε·I; float32, persistent
+  buffers ``mean``, ``inv_cholesky``), so that the squared distance is ``‖L⁻¹ (x − μ)‖²``:
+  one batched matrix product per chunk of positions, never negative. Chosen by speed on
+  CPU (4096 positions, k = 100, 16 images, 2 shared cores): 45–65 ms, against 65–155 ms for
+  the precision-matrix form ``(x − μ)ᵀ Σ⁻¹ (x − μ)``, 55–300 ms for ``solve_triangular``
+  with L and 0.3–2.7 s for ``cholesky_solve``.
 * The anomaly map is the distance (not its square), upsampled bilinearly to the input
   size and then blurred with a Gaussian of σ = 4 *input* pixels, PaDiM's order
   (``blur_at="input"``); ``blur_at="grid"`` blurs the feature grid first (σ in grid cells,
@@ -43,7 +47,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Literal
 
 import torch
@@ -92,6 +97,23 @@ def gaussian_from_sums(sum_x: Tensor, sum_xx: Tensor, count: Tensor | float) -> 
     mean = sum_x / n
     cov = (sum_xx - n * mean.unsqueeze(-1) * mean.unsqueeze(-2)) / (n - 1)
     return mean, cov
+
+
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """Run torch on one CPU thread for a while.
+
+    Batched LAPACK calls (Cholesky, triangular solves of 1024 small matrices) open one tiny
+    parallel region per matrix; when another process holds a core, the threads keep waiting
+    for each other: measured 0.06 s → 6 s per 1024 triangular solves on 2 busy cores.
+    Single-threaded they take 0.06 s whatever the load.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _mark_fitted_after_load(module: Padim, incompatible_keys: object) -> None:
@@ -186,7 +208,9 @@ class Padim(nn.Module):
     # -------------------------------------------------------------------------- features
     def _normalise(self, images: Tensor) -> Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"Padim takes N×1×H×W or N×3×H×W images in [0, 1], got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"Padim takes N×1×H×W or N×3×H×W images in [0, 1], got shape {tuple(images.shape)}"
+            )
         images = images.float()
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
@@ -199,7 +223,10 @@ class Padim(nn.Module):
         maps = self.extractor(self._normalise(images))
         options = {"align_corners": False} if self.interpolation == "bilinear" else {}
         return torch.cat(
-            [F.interpolate(maps[name], size=self.feature_size, mode=self.interpolation, **options) for name in self.layers],
+            [
+                F.interpolate(maps[name], size=self.feature_size, mode=self.interpolation, **options)
+                for name in self.layers
+            ],
             dim=1,
         )
 
@@ -258,22 +285,24 @@ class Padim(nn.Module):
 
     @torch.no_grad()
     def finalize(self, eps: float = 0.01) -> None:
-        """Turn the sums into the mean and W = L⁻¹ with L Lᵀ = Σ + ε·I (unbiased Σ), per position."""
+        """Turn the sums into the mean and L⁻¹, where L Lᵀ = Σ + ε·I (unbiased Σ), per position."""
         if self.count is None or float(self.count) < 2:
             seen = 0 if self.count is None else int(self.count)
             raise RuntimeError(f"Padim.finalize needs update() on at least 2 images, got {seen}")
-        eye = torch.eye(self.k, dtype=torch.float64, device=self.sum_x.device)
-        for start in range(0, self.num_positions, self.chunk_size):
-            part = slice(start, start + self.chunk_size)
-            mean, cov = gaussian_from_sums(self.sum_x[part], self.sum_xx[part], self.count)
-            chol, info = torch.linalg.cholesky_ex(cov + eps * eye)
-            if bool(info.any()):
-                raise RuntimeError(
-                    f"covariance + {eps}·I is not positive definite at some position; increase eps"
-                )
-            inv_chol = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-            self.mean[part] = mean.to(self.mean)
-            self.inv_cholesky[part] = inv_chol.to(self.inv_cholesky)
+        device = self.sum_x.device
+        eye = torch.eye(self.k, dtype=torch.float64, device=device)
+        with _single_thread() if device.type == "cpu" else nullcontext():
+            for start in range(0, self.num_positions, self.chunk_size):
+                part = slice(start, start + self.chunk_size)
+                mean, cov = gaussian_from_sums(self.sum_x[part], self.sum_xx[part], self.count)
+                chol, info = torch.linalg.cholesky_ex(cov + eps * eye)
+                if bool(info.any()):
+                    raise RuntimeError(
+                        f"covariance + {eps}·I is not positive definite at some position; increase eps"
+                    )
+                inv_chol = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+                self.mean[part] = mean.to(self.mean)
+                self.inv_cholesky[part] = inv_chol.to(self.inv_cholesky)
         self.fitted.fill_(True)
         self._fitted = True
 
@@ -285,7 +314,7 @@ class Padim(nn.Module):
         for start in range(0, self.num_positions, self.chunk_size):
             part = slice(start, start + self.chunk_size)
             delta = (embeddings[:, part].float() - self.mean[part]).transpose(0, 1)  # p×N×k
-            white = torch.bmm(delta, self.inv_cholesky[part].transpose(1, 2))  # rows are (W δ)ᵀ
+            white = torch.bmm(delta, self.inv_cholesky[part].transpose(1, 2))  # rows are (L⁻¹ δ)ᵀ
             out[:, part] = white.square().sum(dim=-1).sqrt().transpose(0, 1)
         return out
 

@@ -6,7 +6,10 @@ path with max-pool downsampling and a cross-layer lateral skip from the backbone
     L5 = conv1x1(C5),  Li = conv1x1(Ci) + up_bilinear(L(i+1)),  Pi = conv3x3(Li)
     B2 = P2,           Bi = conv3x3(Pi + lateral_i(Ci) + maxpool2(B(i-1)))     i = 3..5
 
-``cross_layer=False`` drops the ``lateral_i(Ci)`` term (and its 1×1 convs). The paper's
+``cross_layer=False`` drops the ``lateral_i(Ci)`` term (and its 1×1 convs);
+``bottom_up=False`` drops the whole bottom-up path (outputs P2..P5, i.e. FPN): with
+``balanced_attention=True`` that is the EBBA paper's "B-A module only" ablation row
+(Table 3), the B-A module on plain FPN levels. The paper's
 equations were lost; the 1×1 ``lateral_i`` (its own weights, not the top-down ones) is
 DESIGN §2's reconstruction. Every conv is a plain conv with bias and no activation, like
 torchvision's / mmdetection's FPN (the paper used mmdetection).
@@ -81,6 +84,7 @@ class EBFPN(nn.Module):
         in_channels_list: channels of C2..C5.
         out_channels: channels of every output level.
         cross_layer: add ``lateral_i(Ci)`` in the bottom-up path (EBFPN's cross-layer skip).
+        bottom_up: keep EBFPN's bottom-up path (false: FPN levels P2..P5 go on directly).
         balanced_attention: apply the B-A module to B2..B5.
         heads, temperature, refine_level: options of
             :class:`~elinspect.models.detection.balanced_attention.BalancedAttention`
@@ -92,6 +96,7 @@ class EBFPN(nn.Module):
         in_channels_list: list[int],
         out_channels: int = 256,
         cross_layer: bool = True,
+        bottom_up: bool = True,
         balanced_attention: bool = True,
         heads: int = 1,
         temperature: Temperature = "fixed",
@@ -101,7 +106,9 @@ class EBFPN(nn.Module):
         in_channels_list = list(in_channels_list)
         self.out_channels = out_channels
         self.top_down = TopDownPath(in_channels_list, out_channels)
-        self.bottom_up = BottomUpPath(in_channels_list, out_channels, cross_layer=cross_layer)
+        self.bottom_up = (
+            BottomUpPath(in_channels_list, out_channels, cross_layer=cross_layer) if bottom_up else None
+        )
         self.balanced_attention = (
             BalancedAttention(
                 out_channels,
@@ -117,7 +124,9 @@ class EBFPN(nn.Module):
 
     def forward(self, features: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
         names, c = list(features.keys()), list(features.values())
-        out = self.bottom_up(self.top_down(c), c)
+        out = self.top_down(c)
+        if self.bottom_up is not None:
+            out = self.bottom_up(out, c)
         if self.balanced_attention is not None:
             out = self.balanced_attention(out)
         out, names = self.extra(out, c, names)
