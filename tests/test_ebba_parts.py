@@ -175,9 +175,10 @@ def test_necks_follow_the_contract_on_a_97x131_image(name: str, options: dict) -
     assert all(torch.isfinite(f).all() for f in out.values())
 
 
-def test_ebfpn_top_down_and_bottom_up_paths_follow_the_equations() -> None:
+@pytest.mark.parametrize("lateral", ["shared", "separate"])
+def test_ebfpn_top_down_and_bottom_up_paths_follow_the_equations(lateral: str) -> None:
     torch.manual_seed(0)
-    neck = build_neck("ebfpn", R18_CHANNELS, out_channels=8, balanced_attention=False)
+    neck = build_neck("ebfpn", R18_CHANNELS, out_channels=8, balanced_attention=False, lateral=lateral)
     c = list(pyramid(EVEN).values())
     out = list(neck(OrderedDict((str(i), x) for i, x in enumerate(c))).values())
     td, bu = neck.top_down, neck.bottom_up
@@ -187,15 +188,17 @@ def test_ebfpn_top_down_and_bottom_up_paths_follow_the_equations() -> None:
     l3 = lat[1] + F.interpolate(l4, size=c[1].shape[-2:], mode="bilinear")
     l2 = lat[0] + F.interpolate(l3, size=c[0].shape[-2:], mode="bilinear")
     p = [td.smooth[i](li) for i, li in enumerate([l2, l3, l4, l5])]
+    skip = lat if lateral == "shared" else [None] + [bu.lateral[i - 1](c[i]) for i in range(1, 4)]
     b = [p[0]]
     for i in range(1, 4):
-        b.append(bu.fuse[i - 1](p[i] + bu.lateral[i - 1](c[i]) + F.max_pool2d(b[-1], 2)))
+        b.append(bu.fuse[i - 1](p[i] + skip[i] + F.max_pool2d(b[-1], 2)))
     for i in range(4):
         torch.testing.assert_close(out[i], b[i])
 
 
 def test_ebfpn_options_remove_their_parameters() -> None:
-    full = build_neck("ebfpn", R18_CHANNELS, out_channels=8)
+    full = build_neck("ebfpn", R18_CHANNELS, out_channels=8, lateral="separate")
+    shared = build_neck("ebfpn", R18_CHANNELS, out_channels=8)
     no_cross = build_neck("ebfpn", R18_CHANNELS, out_channels=8, cross_layer=False)
     no_ba = build_neck("ebfpn", R18_CHANNELS, out_channels=8, balanced_attention=False)
 
@@ -204,6 +207,11 @@ def test_ebfpn_options_remove_their_parameters() -> None:
 
     assert any(n.startswith("bottom_up.lateral.") for n in names(full))
     assert not any("lateral" in n for n in names(no_cross))
+    # the shared skip reuses the top-down 1×1 maps: no parameters, but a different output
+    assert names(shared) == names(no_cross)
+    features = pyramid(EVEN)
+    shared.load_state_dict(no_cross.state_dict())
+    assert not torch.allclose(shared(features)["1"], no_cross(features)["1"])
     lateral_params = sum((c * 8 + 8) for c in R18_CHANNELS[1:])  # 1×1 convs C3..C5 → 8 channels
     assert sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in no_cross.parameters()) == (
         lateral_params
@@ -214,7 +222,8 @@ def test_ebfpn_options_remove_their_parameters() -> None:
     assert not any(n.startswith("balanced_attention") for n in names(no_ba))
     assert not any(isinstance(m, CosineNonLocalAttention | BalancedAttention) for m in no_ba.modules())
     features = pyramid(EVEN)
-    b = no_ba.bottom_up(no_ba.top_down(list(features.values())), list(features.values()))
+    p, lateral = no_ba.top_down(list(features.values()))
+    b = no_ba.bottom_up(p, list(features.values()), lateral)
     for i, fmap in enumerate(b):
         torch.testing.assert_close(no_ba(features)[str(i)], fmap)  # outputs are B2..B5 as they are
 
@@ -225,7 +234,7 @@ def test_ebfpn_without_bottom_up_puts_balanced_attention_on_plain_fpn_levels() -
     assert neck.bottom_up is None
     assert not any(n.startswith("bottom_up") for n, _ in neck.named_parameters())
     features = pyramid(EVEN)
-    p = neck.top_down(list(features.values()))
+    p, _ = neck.top_down(list(features.values()))
     h = neck.balanced_attention(p)
     out = neck(features)
     for i in range(4):
@@ -234,7 +243,7 @@ def test_ebfpn_without_bottom_up_puts_balanced_attention_on_plain_fpn_levels() -
 
 def test_ebfpn_cross_layer_skip_carries_the_backbone_level_to_the_bottom_up_path() -> None:
     torch.manual_seed(0)
-    neck = build_neck("ebfpn", R18_CHANNELS, out_channels=8, balanced_attention=False)
+    neck = build_neck("ebfpn", R18_CHANNELS, out_channels=8, balanced_attention=False, lateral="separate")
     features = pyramid(EVEN)
     out = neck(features)
     with torch.no_grad():

@@ -6,12 +6,14 @@ path with max-pool downsampling and a cross-layer lateral skip from the backbone
     L5 = conv1x1(C5),  Li = conv1x1(Ci) + up_bilinear(L(i+1)),  Pi = conv3x3(Li)
     B2 = P2,           Bi = conv3x3(Pi + lateral_i(Ci) + maxpool2(B(i-1)))     i = 3..5
 
-``cross_layer=False`` drops the ``lateral_i(Ci)`` term (and its 1×1 convs);
+``lateral_i(Ci)`` is the top-down path's own 1×1 lateral map by default (``lateral="shared"``,
+no extra parameters, which reproduces the paper's parameter count) or a separate 1×1 conv
+(``lateral="separate"``). ``cross_layer=False`` drops the term;
 ``bottom_up=False`` drops the whole bottom-up path (outputs P2..P5, i.e. FPN): with
 ``balanced_attention=True`` that is the EBBA paper's "B-A module only" ablation row
-(Table 3), the B-A module on plain FPN levels. The paper's
-equations were lost; the 1×1 ``lateral_i`` (its own weights, not the top-down ones) is
-DESIGN §2's reconstruction. Every conv is a plain conv with bias and no activation, like
+(Table 3), the B-A module on plain FPN levels. The paper's equations were lost: DESIGN §2
+reconstructs ``lateral_i`` as a 1×1 conv; which weights it has is settled by the paper's
+parameter count (``shared``). Every conv is a plain conv with bias and no activation, like
 torchvision's / mmdetection's FPN (the paper used mmdetection).
 
 ``balanced_attention=True`` (§3.B.2) maps B2..B5 to H2..H5 with
@@ -48,30 +50,43 @@ class TopDownPath(nn.Module):
         self.inner = nn.ModuleList(_conv(c, out_channels, 1) for c in in_channels_list)
         self.smooth = nn.ModuleList(_conv(out_channels, out_channels, 3) for _ in in_channels_list)
 
-    def forward(self, c: list[Tensor]) -> list[Tensor]:
-        last = self.inner[-1](c[-1])
+    def forward(self, c: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Returns P2..P5 and the 1×1 lateral maps ``conv1x1(Ci)`` (reused as skips)."""
+        lateral = [conv(ci) for conv, ci in zip(self.inner, c, strict=True)]
+        last = lateral[-1]
         p = [self.smooth[-1](last)]
         for i in range(len(c) - 2, -1, -1):
-            last = self.inner[i](c[i]) + upsample_to(last, c[i].shape[-2:])
+            last = lateral[i] + upsample_to(last, c[i].shape[-2:])
             p.insert(0, self.smooth[i](last))
-        return p
+        return p, lateral
 
 
 class BottomUpPath(nn.Module):
     """EBFPN's bottom-up path: P2..P5 (and C3..C5 for the cross-layer skip) → B2..B5."""
 
-    def __init__(self, in_channels_list: list[int], out_channels: int, cross_layer: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels_list: list[int],
+        out_channels: int,
+        cross_layer: bool = True,
+        lateral: str = "shared",
+    ) -> None:
         super().__init__()
+        if lateral not in ("shared", "separate"):
+            raise ValueError(f"lateral must be 'shared' or 'separate', got {lateral!r}")
         coarser = in_channels_list[1:]
-        self.lateral = nn.ModuleList(_conv(c, out_channels, 1) for c in coarser) if cross_layer else None
+        self.cross_layer = cross_layer
+        separate = cross_layer and lateral == "separate"
+        self.lateral = nn.ModuleList(_conv(c, out_channels, 1) for c in coarser) if separate else None
         self.fuse = nn.ModuleList(_conv(out_channels, out_channels, 3) for _ in coarser)
 
-    def forward(self, p: list[Tensor], c: list[Tensor]) -> list[Tensor]:
+    def forward(self, p: list[Tensor], c: list[Tensor], shared: list[Tensor]) -> list[Tensor]:
+        """``shared`` are the top-down path's ``conv1x1(Ci)``, the skip when ``lateral="shared"``."""
         b = [p[0]]
         for i in range(1, len(p)):
             x = p[i] + max_pool_to(b[-1], p[i].shape[-2:])
-            if self.lateral is not None:
-                x = x + self.lateral[i - 1](c[i])
+            if self.cross_layer:
+                x = x + (self.lateral[i - 1](c[i]) if self.lateral is not None else shared[i])
             b.append(self.fuse[i - 1](x))
         return b
 
@@ -84,6 +99,10 @@ class EBFPN(nn.Module):
         in_channels_list: channels of C2..C5.
         out_channels: channels of every output level.
         cross_layer: add ``lateral_i(Ci)`` in the bottom-up path (EBFPN's cross-layer skip).
+        lateral: ``shared`` (default): the skip is the top-down path's own ``conv1x1(Ci)`` (no
+            extra parameters; this matches the paper's 62.74 M parameters to 0.01 M, where
+            ``separate`` 1×1 convs add 0.92 M for ResNet-101: ``python -m elinspect.models.profile
+            model=ebba``); ``separate``: each skip has its own 1×1 conv.
         bottom_up: keep EBFPN's bottom-up path (false: FPN levels P2..P5 go on directly).
         balanced_attention: apply the B-A module to B2..B5.
         heads, temperature, refine_level: options of
@@ -96,6 +115,7 @@ class EBFPN(nn.Module):
         in_channels_list: list[int],
         out_channels: int = 256,
         cross_layer: bool = True,
+        lateral: str = "shared",
         bottom_up: bool = True,
         balanced_attention: bool = True,
         heads: int = 1,
@@ -107,7 +127,9 @@ class EBFPN(nn.Module):
         self.out_channels = out_channels
         self.top_down = TopDownPath(in_channels_list, out_channels)
         self.bottom_up = (
-            BottomUpPath(in_channels_list, out_channels, cross_layer=cross_layer) if bottom_up else None
+            BottomUpPath(in_channels_list, out_channels, cross_layer=cross_layer, lateral=lateral)
+            if bottom_up
+            else None
         )
         self.balanced_attention = (
             BalancedAttention(
@@ -124,9 +146,9 @@ class EBFPN(nn.Module):
 
     def forward(self, features: OrderedDict[str, Tensor]) -> OrderedDict[str, Tensor]:
         names, c = list(features.keys()), list(features.values())
-        out = self.top_down(c)
+        out, lateral = self.top_down(c)
         if self.bottom_up is not None:
-            out = self.bottom_up(out, c)
+            out = self.bottom_up(out, c, lateral)
         if self.balanced_attention is not None:
             out = self.balanced_attention(out)
         out, names = self.extra(out, c, names)
