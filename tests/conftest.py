@@ -194,8 +194,12 @@ FAST_DETECTOR_OVERRIDES = [
 
 def fast_model_overrides(model: str) -> list[str]:
     """Overrides that make ``conf/model/<model>.yaml`` quick; any config with a ``detector``
-    node (every detection model, present and future) gets the small-detector settings."""
+    node (every detection model, present and future) gets the small-detector settings, any
+    with a ``padim`` node (PaDiM, SeMaCNN) a small feature grid and embedding."""
     from omegaconf import OmegaConf
 
     spec = OmegaConf.load(CONFIG_DIR / "model" / f"{model}.yaml")
-    return list(FAST_DETECTOR_OVERRIDES) if "detector" in spec else []
+    fast = list(FAST_DETECTOR_OVERRIDES) if "detector" in spec else []
+    if "padim" in spec:
+        fast += ["model.padim.feature_size=16", "model.padim.k=20"]
+    return fast

@@ -1,0 +1,103 @@
+"""Anomaly heatmaps over a few validation images (issue 5 item 6).
+
+At the end of every ``every_n_epochs``-th validation epoch the first ``num_images``
+validation images are saved as ``<trainer.default_root_dir>/visuals/epoch_XXX/NN.png``:
+the grey image on the left, the image blended with its anomaly map in a matplotlib colour
+map (``jet``) on the right; with a :class:`~lightning.pytorch.loggers.WandbLogger`
+attached they are also logged to W&B under ``val/heatmaps`` with label and score as caption.
+All maps of one epoch share one colour scale (0 … the largest value among them), so
+brighter means more anomalous across the pictures too.
+
+The maps are the ``"anomaly_maps"`` that ``validation_step`` returns (PaDiM, SeMaCNN); a
+module returning nothing there (e.g. before PaDiM is fitted) is skipped. The sanity-check
+validation is skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import matplotlib
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+from torchvision.io import write_png
+
+
+def heatmap_overlay(
+    image: Tensor, heatmap: Tensor, vmax: float, alpha: float = 0.5, cmap: str = "jet"
+) -> Tensor:
+    """uint8 3×H×(2W): the image (C×H×W in [0, 1]) beside its blend with ``heatmap`` (1×H×W or
+    H×W, coloured on the scale 0 … ``vmax``)."""
+    grey = image.detach().cpu().float().clamp(0, 1).mean(dim=0)
+    level = (heatmap.detach().cpu().float().reshape(grey.shape) / max(vmax, 1e-12)).clamp(0, 1)
+    colour = torch.from_numpy(matplotlib.colormaps[cmap](level.numpy())[..., :3]).permute(2, 0, 1).float()
+    rgb = grey.expand(3, -1, -1)
+    blend = (1 - alpha) * rgb + alpha * colour
+    return (torch.cat([rgb, blend], dim=2) * 255).round().to(torch.uint8)
+
+
+class AnomalyHeatmapCallback(L.Callback):
+    """Save image + heatmap overlays of a few validation images (see the module docstring)."""
+
+    def __init__(
+        self, num_images: int = 4, every_n_epochs: int = 1, alpha: float = 0.5, cmap: str = "jet"
+    ) -> None:
+        super().__init__()
+        if num_images < 1 or every_n_epochs < 1:
+            raise ValueError("num_images and every_n_epochs must be >= 1")
+        if cmap not in matplotlib.colormaps:
+            raise ValueError(f"unknown matplotlib colour map {cmap!r}")
+        self.num_images = num_images
+        self.every_n_epochs = every_n_epochs
+        self.alpha = alpha
+        self.cmap = cmap
+        self._samples: list[tuple[Tensor, Tensor, int]] = []
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._samples = []
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._active(trainer) or len(self._samples) >= self.num_images:
+            return
+        if not isinstance(outputs, dict) or "anomaly_maps" not in outputs:
+            return
+        labels = batch.get("label", torch.full((len(batch["image"]),), -1))
+        for image, heatmap, label in zip(batch["image"], outputs["anomaly_maps"], labels, strict=True):
+            if len(self._samples) >= self.num_images:
+                break
+            self._samples.append((image.detach().cpu(), heatmap.detach().cpu(), int(label)))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        samples, self._samples = self._samples, []
+        if not self._active(trainer) or not samples or not trainer.is_global_zero:
+            return
+        vmax = max(float(heatmap.max()) for _, heatmap, _ in samples)
+        directory = Path(trainer.default_root_dir) / "visuals" / f"epoch_{trainer.current_epoch:03d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        class_names = list(getattr(pl_module, "class_names", []) or [])
+        pictures, captions = [], []
+        for i, (image, heatmap, label) in enumerate(samples):
+            picture = heatmap_overlay(image, heatmap, vmax, self.alpha, self.cmap)
+            write_png(picture, str(directory / f"{i:02d}.png"))
+            pictures.append(picture.permute(1, 2, 0).numpy())
+            name = class_names[label] if 0 <= label < len(class_names) else str(label)
+            captions.append(f"{name}, score {float(heatmap.max()):.3g}")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(
+                    key="val/heatmaps", images=pictures, caption=captions, step=trainer.global_step
+                )

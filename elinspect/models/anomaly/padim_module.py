@@ -1,0 +1,249 @@
+"""LightningModule that fits PaDiM (Defard et al. 2021) and evaluates it as an image classifier.
+
+The first half of SeMaCNN (``semacnn.txt`` §2.2.2): "a set of images without defects has
+been selected as a training subset. Training procedure consisted of creating a normal
+distribution of a dataset". Here:
+
+* **Training is fitting.** Every training batch's *normal* images (label 0) go to
+  :meth:`Padim.update` (streaming Σx, Σxxᵀ, n); the others are ignored, so ``data=elpv``
+  works with or without ``data.train_normal_only``. There is no optimiser (manual
+  optimisation, ``configure_optimizers`` returns None) and no gradient; each fitted batch
+  counts as a step of ``trainer.global_step`` (so checkpoints are saved).
+* **One epoch fits; the fit is done once.** At the start of the first validation after the
+  training batches (or at the end of the epoch when no validation runs) the sums are summed
+  over ranks (DDP) and :meth:`Padim.finalize` turns them into the Gaussians. The module then
+  asks the trainer to stop (``trainer.should_stop``, honoured after ``trainer.min_epochs``);
+  any further epoch only re-validates — the Gaussians are never refitted, so the result does
+  not depend on ``trainer.max_epochs``.
+* **Threshold.** Image score = maximum of the anomaly map. After every validation epoch the
+  threshold that maximises F1 on the validation scores is stored in the persistent buffer
+  ``threshold`` (so it is saved in checkpoints); ``val/{acc,f1,precision,recall}`` are
+  reported at it and ``val/auroc`` on the scores. Test uses the stored threshold.
+  Labels > 0 count as defective (ELPV's four-class targets too).
+* The ``loss`` argument (every model config has a ``default_loss``) is kept as a submodule
+  for uniformity but is **unused**: PaDiM has no supervised objective.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.aggregation import CatMetric
+from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
+    binary_f1_score,
+    binary_precision,
+    binary_recall,
+)
+
+from elinspect.data.info import DatasetInfo
+from elinspect.models.anomaly.padim import Padim
+from elinspect.models.base import ElinspectModule
+
+log = logging.getLogger(__name__)
+
+
+def best_f1_threshold(scores: Tensor, labels: Tensor) -> float:
+    """The score ``t`` for which "defective if score ≥ t" has the highest F1 on (scores, labels).
+
+    A sweep over the sorted scores (cut only between distinct values); ties in F1 go to the
+    highest threshold. Without positives every F1 is 0 and the top score is returned.
+    """
+    order = scores.argsort(descending=True)
+    ranked = scores[order].double()
+    positive = (labels[order] > 0).double()
+    tp = positive.cumsum(0)
+    fp = (1 - positive).cumsum(0)
+    f1 = 2 * tp / (tp + fp + positive.sum())  # 2tp / (2tp + fp + fn), fn = P - tp
+    group_end = torch.ones_like(ranked, dtype=torch.bool)
+    group_end[:-1] = ranked[:-1] != ranked[1:]
+    f1 = torch.where(group_end, f1, torch.full_like(f1, -1.0))
+    return float(ranked[int(f1.argmax())])
+
+
+def to_unit_interval(scores: Tensor) -> Tensor:
+    """Scores min-max scaled to [0, 1] (order kept): torchmetrics would squash scores outside
+    [0, 1] with a sigmoid, which saturates (ties) for distances of a few tens."""
+    low, high = scores.min(), scores.max()
+    return (scores - low) / (high - low).clamp_min(1e-12)
+
+
+def threshold_metrics(scores: Tensor, labels: Tensor, threshold: float, prefix: str) -> dict[str, Tensor]:
+    """``{prefix}{auroc,acc,f1,precision,recall}`` of "defective if score ≥ threshold"."""
+    target = (labels > 0).long()
+    preds = (scores >= threshold).long()
+    return {
+        f"{prefix}auroc": binary_auroc(to_unit_interval(scores), target),
+        f"{prefix}acc": binary_accuracy(preds, target),
+        f"{prefix}f1": binary_f1_score(preds, target),
+        f"{prefix}precision": binary_precision(preds, target),
+        f"{prefix}recall": binary_recall(preds, target),
+    }
+
+
+class PadimFitMixin:
+    """Fits ``self.padim`` on the normal images of the first training epoch (shared by PaDiM
+    and SeMaCNN). The host sets ``self.padim`` and ``self.eps``."""
+
+    padim: Padim
+    eps: float
+
+    def padim_update(self, batch: dict[str, Tensor]) -> int:
+        """Add the batch's label-0 images to the running sums; returns how many."""
+        normal = batch["image"][batch["label"] == 0]
+        if len(normal):
+            self.padim.update(normal)
+        return len(normal)
+
+    def fit_epoch_done(self) -> bool:
+        """True in the validation that follows the last training batch of an epoch (not in the
+        sanity check, nor in a mid-epoch validation of ``val_check_interval`` < 1)."""
+        trainer = self.trainer  # type: ignore[attr-defined]
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return False
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return done >= trainer.num_training_batches
+
+    def finish_padim_fit(self) -> bool:
+        """Reduce the sums over ranks and finalize, if a fit is pending; True if it fitted now."""
+        if self.padim._fitted:
+            return False
+        trainer = self.trainer  # type: ignore[attr-defined]
+        sum_x, sum_xx, count = self.padim.sums()  # every rank allocates, so the reduction matches
+        if trainer.world_size > 1:
+            reduce = trainer.strategy.reduce
+            sum_x, sum_xx, count = (reduce(t, reduce_op="sum") for t in (sum_x, sum_xx, count))
+            self.padim.load_sums(sum_x, sum_xx, count)
+        if float(count) < 2:
+            raise RuntimeError(
+                f"PaDiM saw {int(count)} normal (label 0) training image(s) in its fitting epoch and needs "
+                "at least 2: train on more batches, or use data.train_normal_only=true"
+            )
+        log.info("fitting PaDiM on %d normal images", int(count))
+        self.padim.finalize(self.eps)
+        self.padim.reset()
+        return True
+
+
+class PadimModule(PadimFitMixin, ElinspectModule):
+    """PaDiM as a LightningModule (see the module docstring).
+
+    Args:
+        padim: the torch :class:`Padim` (``model.padim`` in ``conf/model/padim.yaml``).
+        dataset: the datamodule's :class:`DatasetInfo` (for the class names).
+        loss: unused (kept for the ``loss`` axis of the configs).
+        eps: ε of the covariance regulariser Σ + ε·I (PaDiM: 0.01).
+        optimizer, scheduler: unused; PaDiM has nothing to train.
+    """
+
+    task: ClassVar[str] = "anomaly"
+
+    def __init__(
+        self,
+        padim: Padim,
+        dataset: DatasetInfo | dict[str, Any],
+        loss: nn.Module | None = None,
+        eps: float = 0.01,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        monitor: str = "val/auroc",
+        monitor_mode: str = "max",
+    ) -> None:
+        super().__init__(optimizer, None, monitor, monitor_mode)
+        info = DatasetInfo.from_dict(dataset)
+        self.save_hyperparameters(
+            {"dataset": info.to_dict(), "eps": eps, "monitor": monitor, "monitor_mode": monitor_mode}
+        )
+        self.automatic_optimization = False
+        self.class_names = info.class_names
+        self.padim = padim
+        self.eps = float(eps)
+        self.loss = loss  # unused: PaDiM has no supervised objective
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.scores = nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
+        self.labels = nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
+
+    def configure_optimizers(self) -> None:
+        return None
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Anomaly maps N×1×H×W."""
+        return self.padim(images)
+
+    def anomaly_maps(self, images: Tensor) -> Tensor:
+        """Anomaly maps N×1×H×W (what the heatmap visuals draw)."""
+        return self.padim(images)
+
+    # ------------------------------------------------------------------------------ fit
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if self.padim._fitted:
+            return
+        seen = self.padim_update(batch)
+        self.log("train/normal_images", float(seen), on_step=False, on_epoch=True, reduce_fx="sum")
+        self._count_fit_step()
+
+    def _count_fit_step(self) -> None:
+        """Count a fitted batch as a step: with manual optimisation and no optimiser
+        ``trainer.global_step`` would stay 0, and ModelCheckpoint never saves a run whose
+        global step has not moved (anomalib's ModelCheckpoint subclass works around the same)."""
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
+    def on_validation_epoch_start(self) -> None:
+        if self.fit_epoch_done() and self.finish_padim_fit():
+            self.trainer.should_stop = True
+
+    def on_train_epoch_end(self) -> None:
+        if self.finish_padim_fit():
+            self.trainer.should_stop = True
+
+    # ------------------------------------------------------------------------- evaluate
+    def _score(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor] | None:
+        if not self.padim._fitted:  # the sanity check before the fit
+            return None
+        maps = self.padim(batch["image"])
+        scores = Padim.image_score(maps)
+        self.scores[split].update(scores)
+        self.labels[split].update(batch["label"].float())
+        return {"anomaly_maps": maps, "scores": scores}
+
+    def _collected(self, split: str) -> tuple[Tensor, Tensor] | None:
+        if not self.padim._fitted:
+            return None
+        scores, labels = self.scores[split].compute(), self.labels[split].compute().long()
+        self.scores[split].reset()
+        self.labels[split].reset()
+        return (scores, labels) if scores.numel() else None
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor] | None:
+        return self._score(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor] | None:
+        return self._score(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        collected = self._collected("val")
+        if collected is None:
+            return
+        scores, labels = collected
+        self.threshold.fill_(best_f1_threshold(scores, labels))
+        self.log_dict(threshold_metrics(scores, labels, float(self.threshold), "val/"), prog_bar=True)
+        self.log("val/threshold", self.threshold)
+
+    def on_test_epoch_end(self) -> None:
+        collected = self._collected("test")
+        if collected is None:
+            return
+        if torch.isnan(self.threshold):
+            log.warning("no validation threshold stored (validate first): every test image counts as normal")
+        self.log_dict(threshold_metrics(*collected, float(self.threshold), "test/"))
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        maps = self.padim(batch["image"])
+        scores = Padim.image_score(maps)
+        return {"anomaly_maps": maps, "scores": scores, "pred": (scores >= self.threshold).long()}

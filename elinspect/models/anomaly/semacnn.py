@@ -1,0 +1,212 @@
+"""SeMaCNN (``semacnn.txt`` §2.2): PaDiM anomaly heatmaps classified by a ResNet-18.
+
+"The unsupervised anomaly detection algorithm based on PaDiM produces an anomaly heatmap
+[…] passed to the defects classifier. The classifier consists of a neural network trained
+via supervised learning on manually annotated subset of images that separates generated
+heatmaps into classes" (§2.2; PaDiM: Defard et al. 2021; embedding: §2.2.2). Two stages
+in one Lightning run:
+
+* **Stage 1** (epoch 0 of a fresh run): PaDiM's Gaussians are fitted on the *normal*
+  (label 0) training images, exactly as :class:`~elinspect.models.anomaly.padim_module.PadimModule`
+  does (streaming sums, reduced over DDP ranks, finalised before the epoch's validation);
+  no optimiser step is taken (``training_step`` returns None).
+* **Stage 2** (epochs 1…N): the frozen PaDiM turns every labelled training image (all
+  labels) into a heatmap; the classifier (:class:`ImageClassifier`, 1 input channel — or 2,
+  heatmap and grey image, with ``heatmap_with_image``) is trained on it with ``loss``.
+  The optimiser sees only the classifier's parameters (PaDiM's backbone is frozen).
+
+:attr:`SemaCnnModule.stage` is derived from the persistent buffers (PaDiM's ``fitted`` and
+``heatmap_scale``), so a run resumed from a checkpoint saved after stage 1 continues with
+stage 2 and never refits; ``trainer.max_epochs`` = 1 + the classifier's epochs.
+
+**Heatmap scale.** The classifier sees ``map / heatmap_scale``, where ``heatmap_scale`` (a
+persistent buffer) is the ``scale_quantile`` (0.99) quantile of the anomaly-map pixels of
+the first ``scale_images`` normal training images of stage 1, computed right after the fit
+(the mean over DDP ranks). Those images are in the fit, so their distances are slightly
+smaller than an unseen normal image's; the point is only a fixed, data-derived unit that
+puts normal maps near [0, 1] (the paper does not say how heatmaps are normalised).
+
+Validation/test log ``{val,test}/{loss,acc,f1,precision,recall,auroc}`` as the classifier
+does (in the validation of epoch 0 the classifier is still untrained).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from elinspect.data.info import DatasetInfo
+from elinspect.models.anomaly.padim import Padim
+from elinspect.models.anomaly.padim_module import PadimFitMixin
+from elinspect.models.base import ElinspectModule
+from elinspect.models.classification.module import classification_metrics
+
+log = logging.getLogger(__name__)
+
+
+class SemaCnnModule(PadimFitMixin, ElinspectModule):
+    """PaDiM heatmaps → ResNet classifier, in two stages (see the module docstring).
+
+    Args:
+        padim: the torch :class:`Padim` (``model.padim``).
+        net: a partial of the classifier taking ``num_classes`` and ``in_channels``
+            (``elinspect.models.classification.ImageClassifier``).
+        dataset: the datamodule's :class:`DatasetInfo` (classes).
+        optimizer, scheduler: partials for the classifier's optimiser and its schedule.
+        loss: the classification loss (cross-entropy when None).
+        eps: ε of PaDiM's covariance regulariser.
+        heatmap_with_image: feed the grey image as a second channel beside the heatmap.
+        scale_quantile: the quantile of normal-map pixels that becomes the heatmap unit.
+        scale_images: how many normal training images of stage 1 the scale is taken from.
+    """
+
+    task: ClassVar[str] = "anomaly"
+
+    def __init__(
+        self,
+        padim: Padim,
+        net: Callable[..., nn.Module],
+        dataset: DatasetInfo | dict[str, Any],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        loss: nn.Module | None = None,
+        eps: float = 0.01,
+        heatmap_with_image: bool = False,
+        scale_quantile: float = 0.99,
+        scale_images: int = 32,
+        monitor: str = "val/f1",
+        monitor_mode: str = "max",
+    ) -> None:
+        super().__init__(optimizer, scheduler, monitor, monitor_mode)
+        info = DatasetInfo.from_dict(dataset)
+        self.save_hyperparameters(
+            {
+                "dataset": info.to_dict(),
+                "eps": eps,
+                "heatmap_with_image": heatmap_with_image,
+                "scale_quantile": scale_quantile,
+                "scale_images": scale_images,
+                "monitor": monitor,
+                "monitor_mode": monitor_mode,
+            }
+        )
+        self.class_names = info.class_names
+        self.padim = padim
+        self.padim.requires_grad_(False)
+        self.eps = float(eps)
+        self.heatmap_with_image = heatmap_with_image
+        self.scale_quantile = float(scale_quantile)
+        self.scale_images = int(scale_images)
+        self.net = net(num_classes=info.num_classes, in_channels=2 if heatmap_with_image else 1)
+        self.loss = loss if loss is not None else nn.CrossEntropyLoss()
+        self.binary = info.num_classes == 2
+        metrics = classification_metrics(info.num_classes)
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.register_buffer("heatmap_scale", torch.tensor(float("nan")))
+        self._scale_batch: list[Tensor] = []  # normal images of stage 1 kept for the scale
+
+    # ---------------------------------------------------------------------------- stages
+    @property
+    def stage(self) -> int:
+        """1 while PaDiM is not fitted (epoch 0 of a fresh run), else 2 (classifier training).
+
+        Read off the persistent buffers, so a checkpoint saved after stage 1 resumes at 2.
+        """
+        fitted = bool(self.padim.fitted) and bool(torch.isfinite(self.heatmap_scale))
+        return 2 if fitted else 1
+
+    def anomaly_maps(self, images: Tensor) -> Tensor:
+        """Raw anomaly maps N×1×H×W (what the heatmap visuals draw)."""
+        with torch.no_grad():
+            return self.padim(images)
+
+    def classifier_input(self, maps: Tensor, images: Tensor) -> Tensor:
+        """The classifier's input: the scaled heatmap, and the grey image when asked for."""
+        scaled = maps / self.heatmap_scale
+        if self.heatmap_with_image:
+            scaled = torch.cat([scaled, images.float().mean(dim=1, keepdim=True)], dim=1)
+        return scaled
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Class logits N×num_classes of images in [0, 1] (PaDiM fitted)."""
+        return self.net(self.classifier_input(self.anomaly_maps(images), images))
+
+    # ------------------------------------------------------------------ stage 1: the fit
+    def _keep_for_scale(self, batch: dict[str, Tensor]) -> None:
+        kept = sum(len(t) for t in self._scale_batch)
+        if kept < self.scale_images:
+            normal = batch["image"][batch["label"] == 0][: self.scale_images - kept]
+            if len(normal):
+                self._scale_batch.append(normal.detach())
+
+    def _finish_stage_one(self) -> None:
+        """Fit PaDiM (if pending), then set ``heatmap_scale`` from the kept normal images."""
+        if self.stage == 2:
+            return
+        self.finish_padim_fit()
+        with torch.no_grad():
+            pixels = [self.padim(images).flatten().double() for images in self._scale_batch]
+        self._scale_batch = []
+        # per rank: the quantile and 1, or 0 and 0 for a rank without normal images; then the mean
+        total = torch.zeros(2, dtype=torch.float64, device=self.heatmap_scale.device)
+        if pixels:
+            total[0] = torch.quantile(torch.cat(pixels)[:16_000_000], self.scale_quantile)
+            total[1] = 1
+        if self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        if total[1] < 1:
+            raise RuntimeError("SeMaCNN stage 1 kept no normal image to scale the heatmaps by")
+        self.heatmap_scale.fill_(float((total[0] / total[1]).clamp_min(1e-6)))
+        log.info("SeMaCNN stage 1 done: heatmap scale %.4g", float(self.heatmap_scale))
+
+    def on_validation_epoch_start(self) -> None:
+        if self.fit_epoch_done():
+            self._finish_stage_one()
+
+    def on_train_epoch_end(self) -> None:
+        self._finish_stage_one()
+
+    # ---------------------------------------------------------- stage 2 and evaluation
+    def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
+        images, labels = batch["image"], batch["label"]
+        maps = self.anomaly_maps(images)
+        logits = self.net(self.classifier_input(maps, images))
+        loss = self.loss(logits, labels)
+        probs = logits.softmax(dim=1)
+        metrics = getattr(self, f"{split}_metrics")
+        metrics.update(probs[:, 1] if self.binary else probs, labels)
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log_dict(
+            metrics, on_step=False, on_epoch=True, prog_bar=split != "train", batch_size=len(labels)
+        )
+        return loss, maps
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        if self.stage == 1:
+            if not self.padim._fitted:
+                self.padim_update(batch)
+            self._keep_for_scale(batch)
+            return None  # no optimiser step in stage 1
+        return self._step(batch, "train")[0]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor] | None:
+        if self.stage == 1:  # the sanity check before the fit
+            return None
+        return {"anomaly_maps": self._step(batch, "val")[1]}
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if self.stage == 1:
+            raise RuntimeError("SeMaCNN is not fitted: train it (stage 1 fits PaDiM) before testing")
+        self._step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        maps = self.anomaly_maps(batch["image"])
+        probs = self.net(self.classifier_input(maps, batch["image"])).softmax(dim=1)
+        return {"anomaly_maps": maps, "probs": probs, "pred": probs.argmax(dim=1)}

@@ -1,0 +1,223 @@
+"""PadimModule and SemaCnnModule (semacnn.txt §2.2) under a real Lightning Trainer, on a toy set:
+smooth grey textures (normal) vs. the same kind of textures with a dark blob (defective), 64 px,
+random-init ResNet-18, a 16×16 feature grid and k = 20."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+from torchvision.io import read_image
+
+from elinspect.callbacks.anomaly_visuals import AnomalyHeatmapCallback, heatmap_overlay
+from elinspect.models.anomaly.padim import Padim
+from elinspect.models.anomaly.padim_module import PadimModule, best_f1_threshold
+from elinspect.models.anomaly.semacnn import SemaCnnModule
+from elinspect.models.classification import ImageClassifier
+from tests.test_padim import add_dark_blob, smooth_textures
+
+INFO = {"task": "classification", "class_names": ["normal", "defective"], "in_channels": 1}
+SMALL = {"feature_size": 16, "k": 20}
+
+
+def toy_loader(n: int, seed: int, batch_size: int = 8, shuffle: bool = False) -> DataLoader:
+    """n normal and n defective 64×64 images as ``{"image", "label"}`` batches."""
+    normal = smooth_textures(n, 64, seed)
+    defective, _ = add_dark_blob(smooth_textures(n, 64, seed + 1000), seed=seed + 1, margin=16)
+    images = torch.cat([normal, defective])
+    labels = torch.cat([torch.zeros(n), torch.ones(n)]).long()
+    items = [{"image": image, "label": label} for image, label in zip(images, labels, strict=True)]
+    return DataLoader(items, batch_size=batch_size, shuffle=shuffle)
+
+
+def trainer(max_epochs: int, **kw: Any) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **{"enable_checkpointing": False, **kw},
+    )
+
+
+def semacnn(**kw: Any) -> SemaCnnModule:
+    return SemaCnnModule(
+        Padim(**SMALL),
+        functools.partial(ImageClassifier),
+        INFO,
+        functools.partial(torch.optim.AdamW, lr=1e-3),
+        **kw,
+    )
+
+
+class EpochLosses(L.Callback):
+    """Records ``train/loss_epoch`` after every training epoch that logged it."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "train/loss_epoch" in trainer.callback_metrics:
+            self.losses.append(float(trainer.callback_metrics["train/loss_epoch"]))
+
+
+def test_best_f1_threshold_cuts_between_distinct_scores() -> None:
+    scores = torch.tensor([0.1, 0.2, 0.8, 0.9, 0.5])
+    labels = torch.tensor([0, 0, 1, 1, 0])
+    assert best_f1_threshold(scores, labels) == pytest.approx(0.8)
+    # a tie straddling the classes cannot be split: 0.5 takes both tied scores
+    tied = best_f1_threshold(torch.tensor([0.9, 0.5, 0.5, 0.1]), torch.tensor([1, 1, 0, 0]))
+    assert tied == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------------- PaDiM
+@pytest.fixture(scope="module")
+def fitted_padim(tmp_path_factory: pytest.TempPathFactory) -> tuple[PadimModule, L.Trainer, Path]:
+    torch.manual_seed(0)
+    module = PadimModule(Padim(**SMALL), INFO)
+    checkpoints = ModelCheckpoint(tmp_path_factory.mktemp("padim"), monitor="val/auroc", mode="max")
+    # the fit takes one epoch; the module stops the trainer after it
+    fit = trainer(max_epochs=3, enable_checkpointing=True, callbacks=[checkpoints])
+    fit.fit(module, toy_loader(12, seed=0, shuffle=True), toy_loader(12, seed=50))
+    return module, fit, Path(checkpoints.best_model_path)
+
+
+def test_padim_fits_on_the_normal_images_in_one_epoch(fitted_padim) -> None:
+    module, fit, _ = fitted_padim
+    assert bool(module.padim.fitted)
+    assert fit.current_epoch == 1  # stopped after the fitting epoch, not at max_epochs=3
+    assert float(fit.callback_metrics["train/normal_images"]) == 12  # the 12 defective ones are skipped
+    assert module.padim.sum_x is None  # the sums are freed after finalize
+
+
+def test_the_fit_is_checkpointed_by_model_checkpoint(fitted_padim) -> None:
+    """No optimiser, yet every fitted batch counts as a step, so ModelCheckpoint saves."""
+    _, fit, path = fitted_padim
+    assert fit.global_step == 3  # 24 images in batches of 8
+    assert path.is_file() and path.name.endswith(".ckpt")
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    assert bool(state["padim.fitted"]) and "threshold" in state
+
+
+def test_validation_sets_the_threshold_and_defects_score_higher(fitted_padim) -> None:
+    module, fit, _ = fitted_padim
+    threshold = float(module.threshold)
+    assert math.isfinite(threshold)
+    assert float(fit.callback_metrics["val/threshold"]) == pytest.approx(threshold)
+    assert float(fit.callback_metrics["val/auroc"]) > 0.7
+    metrics = fit.test(module, toy_loader(12, seed=80), verbose=False)[0]
+    assert metrics["test/auroc"] > 0.7
+    assert float(module.threshold) == threshold  # test uses the stored threshold, never refits it
+
+
+def test_threshold_and_gaussians_are_restored_from_the_checkpoint(fitted_padim) -> None:
+    module, _, path = fitted_padim
+    fresh = PadimModule(Padim(**SMALL), INFO)
+    assert not bool(fresh.padim.fitted) and math.isnan(float(fresh.threshold))
+    fresh.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    assert float(fresh.threshold) == float(module.threshold)
+    images = next(iter(toy_loader(4, seed=90)))["image"]
+    torch.testing.assert_close(fresh.eval()(images), module.eval()(images))
+    # and through Trainer.test(ckpt_path=...) on an untouched module
+    other = PadimModule(Padim(**SMALL), INFO)
+    expected = trainer(1).test(module, toy_loader(8, seed=70), verbose=False)[0]
+    got = trainer(1).test(other, toy_loader(8, seed=70), ckpt_path=str(path), verbose=False)[0]
+    assert got == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------- SeMaCNN
+@pytest.fixture(scope="module")
+def semacnn_stage_one(tmp_path_factory: pytest.TempPathFactory) -> tuple[SemaCnnModule, dict, Path]:
+    torch.manual_seed(0)
+    module = semacnn()
+    before = copy.deepcopy(module.net.state_dict())
+    fit = trainer(max_epochs=1)
+    fit.fit(module, toy_loader(8, seed=0, shuffle=True), toy_loader(4, seed=50))
+    path = tmp_path_factory.mktemp("semacnn") / "stage1.ckpt"
+    fit.save_checkpoint(path)
+    return module, before, path
+
+
+def test_stage_one_fits_padim_and_the_heatmap_scale_only(semacnn_stage_one) -> None:
+    module, before, _ = semacnn_stage_one
+    assert module.stage == 2
+    assert bool(module.padim.fitted)
+    assert math.isfinite(float(module.heatmap_scale)) and float(module.heatmap_scale) > 0
+    for name, value in module.net.state_dict().items():  # no optimiser step in stage 1
+        torch.testing.assert_close(value, before[name], msg=name)
+    assert not any(p.requires_grad for p in module.padim.parameters())
+
+
+def test_a_checkpoint_between_the_stages_loads_at_stage_two(semacnn_stage_one) -> None:
+    module, _, path = semacnn_stage_one
+    fresh = semacnn()
+    assert fresh.stage == 1
+    fresh.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    assert fresh.stage == 2
+    torch.testing.assert_close(fresh.padim.mean, module.padim.mean)
+    torch.testing.assert_close(fresh.padim.inv_cholesky, module.padim.inv_cholesky)
+    assert float(fresh.heatmap_scale) == float(module.heatmap_scale)
+
+
+def test_resumed_run_trains_the_classifier_without_refitting(semacnn_stage_one) -> None:
+    module, _, path = semacnn_stage_one
+    torch.manual_seed(1)
+    resumed = semacnn()
+    losses = EpochLosses()
+    # other training images than stage 1 saw: a refit would move the Gaussians
+    trainer(max_epochs=3, callbacks=[losses]).fit(
+        resumed, toy_loader(8, seed=300, shuffle=True), toy_loader(4, seed=50), ckpt_path=str(path)
+    )
+    torch.testing.assert_close(resumed.padim.mean, module.padim.mean)
+    assert float(resumed.heatmap_scale) == float(module.heatmap_scale)
+    optimised = {id(p) for group in resumed.optimizers().optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in resumed.net.parameters()}
+    assert len(losses.losses) == 2  # epochs 1 and 2: stage 2
+    assert losses.losses[-1] < losses.losses[0]
+
+
+def test_heatmap_with_image_feeds_two_channels(semacnn_stage_one) -> None:
+    module, _, _ = semacnn_stage_one
+    two = semacnn(heatmap_with_image=True)
+    assert two.net.net.conv1.in_channels == 2
+    two.padim.load_state_dict(module.padim.state_dict())
+    two.heatmap_scale.copy_(module.heatmap_scale)
+    images = next(iter(toy_loader(2, seed=90)))["image"]
+    inputs = two.classifier_input(two.anomaly_maps(images), images)
+    assert inputs.shape == (4, 2, 64, 64)
+    torch.testing.assert_close(inputs[:, 1:], images)
+    assert two.eval()(images).shape == (4, 2)
+
+
+# ------------------------------------------------------------------------------- visuals
+def test_heatmap_overlay_colours_the_hot_spot_red_and_the_rest_blue() -> None:
+    image = torch.full((1, 8, 8), 0.5)
+    heatmap = torch.zeros(1, 8, 8)
+    heatmap[0, 2, 3] = 5.0
+    picture = heatmap_overlay(image, heatmap, vmax=5.0)
+    assert picture.dtype == torch.uint8 and picture.shape == (3, 8, 16)
+    assert (picture[:, :, :8] == 128).all()  # the left half is the plain image
+    hot, cold = picture[:, 2, 8 + 3].int(), picture[:, 0, 8].int()
+    assert hot[0] > hot[2] and cold[2] > cold[0]
+
+
+def test_heatmap_callback_saves_overlays_of_validation_images(fitted_padim, tmp_path: Path) -> None:
+    module = copy.deepcopy(fitted_padim[0])
+    callback = AnomalyHeatmapCallback(num_images=3)
+    trainer(1, callbacks=[callback], default_root_dir=tmp_path).validate(
+        module, toy_loader(4, seed=50, batch_size=2), verbose=False
+    )
+    pictures = sorted((tmp_path / "visuals" / "epoch_000").glob("*.png"))
+    assert [p.name for p in pictures] == ["00.png", "01.png", "02.png"]
+    picture = read_image(str(pictures[0]))
+    assert picture.shape == (3, 64, 128)
+    assert not torch.equal(picture[:, :, :64], picture[:, :, 64:])  # the heatmap is drawn over the image
