@@ -44,6 +44,11 @@ format: install ## ruff: fix what can be fixed and format
 sweep: install ## a small multirun: two losses × two seeds, 2 epochs each, at 64 px
 	$(PY) -m elinspect.train -m loss=ce,focal seed=1,2 trainer.max_epochs=2 data.image_size=64 $(ARGS)
 
+bench: install ## benchmarks (detectors + PVEL-AD loader, B-A attention, PaDiM); each prints its table
+	$(PY) experiments/bench_detection.py --out experiments/results/bench_detection.md
+	$(PY) experiments/bench_attention.py
+	$(PY) experiments/bench_padim.py --limit 64 --fit-doubling
+
 clean: ## remove caches and build files (keeps logs/ and .venv)
 	rm -rf .pytest_cache .ruff_cache .hypothesis build dist *.egg-info
 	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
@@ -51,4 +56,4 @@ clean: ## remove caches and build files (keeps logs/ and .venv)
 clean-all: clean ## also remove .venv and every run under logs/
 	rm -rf $(VENV) logs
 
-.PHONY: help install train test test-slow test-all lint format sweep clean clean-all
+.PHONY: help install train test test-slow test-all lint format sweep bench clean clean-all
