@@ -26,11 +26,11 @@ from typing import ClassVar, Literal
 
 import albumentations as A
 import cv2
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from elinspect.data.base import SplitDataModule
 from elinspect.data.errors import ErrorTally
 from elinspect.data.images import read_image, to_tensor_layout
 from elinspect.data.info import DatasetInfo
@@ -173,7 +173,7 @@ def detection_collate(
 # -------------------------------------------------------------------------- datamodule
 
 
-class DetectionDataModule(L.LightningDataModule):
+class DetectionDataModule(SplitDataModule):
     """Base of the detection datamodules (``data=pvel``, ``voc``, ``coco``).
 
     A subclass calls ``super().__init__()`` then ``self.save_hyperparameters(logger=False)``
@@ -183,6 +183,8 @@ class DetectionDataModule(L.LightningDataModule):
     ``num_workers``, ``pin_memory``, ``on_error``. It implements :meth:`read_splits` and
     :attr:`protocol`; ``name`` is used in log lines.
     """
+
+    collate_fn = detection_collate
 
     tasks: ClassVar[frozenset[str]] = frozenset({"detection"})
     name: ClassVar[str] = "detection"
@@ -272,30 +274,6 @@ class DetectionDataModule(L.LightningDataModule):
             resize=hp.resize,
             augment=detection_augmentation(**augment) if augment else None,
         )
-
-    def _loader(self, split: str) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(
-            self.dataset(split),
-            batch_size=hp.batch_size,
-            shuffle=split == "train",
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory,
-            persistent_workers=hp.num_workers > 0,
-            collate_fn=detection_collate,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
 
 
 def class_list(names: Sequence[str]) -> str:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from elinspect.data.base import SplitDataModule
 from elinspect.data.errors import DatasetError, ErrorTally, OnError
 from elinspect.data.images import read_image, to_tensor_layout
 from elinspect.data.info import DatasetInfo
@@ -185,7 +185,7 @@ class ElpvDataset(Dataset):
         }
 
 
-class ElpvDataModule(L.LightningDataModule):
+class ElpvDataModule(SplitDataModule):
     """ELPV splits for classifiers and anomaly detectors (see ``conf/data/elpv.yaml``)."""
 
     tasks: ClassVar[frozenset[str]] = frozenset({"classification", "anomaly"})
@@ -298,26 +298,3 @@ class ElpvDataModule(L.LightningDataModule):
             expand=hp.expand if train else 0,
             expand_seed=hp.split_seed,
         )
-
-    def _loader(self, split: str) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(
-            self.dataset(split),
-            batch_size=hp.batch_size,
-            shuffle=split == "train",
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory,
-            persistent_workers=hp.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
