@@ -14,9 +14,12 @@ SCHEDULER_INTERVALS = ("epoch", "step")
 
 
 class ElinspectModule(L.LightningModule):
-    """Base class. Subclasses set ``task`` (what kind of datamodule they need)."""
+    """Base class. Subclasses set ``task`` (what kind of datamodule they need) and, where it
+    is not a classification loss on logits, ``loss_kind`` (what kind of ``loss`` they train
+    with: ``"reconstruction"`` for GAN-AE and the autoencoder)."""
 
     task: ClassVar[str]
+    loss_kind: ClassVar[str] = "classification"
 
     def __init__(
         self,
