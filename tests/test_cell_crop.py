@@ -105,3 +105,56 @@ def test_closing_bridges_a_dark_busbar() -> None:
     split = find_cell_quadrilateral(image)
     assert np.abs(split - SKEWED).max() > 20  # only one half is found
     np.testing.assert_allclose(find_cell_quadrilateral(image, close=7), SKEWED, atol=2.0)
+
+
+# ------------------------------------------------------------- as a datamodule option
+def test_folder_datamodule_crops_raw_cells_and_their_masks(tmp_path) -> None:
+    """data.cell_crop: raw images (a skewed cell on a dark border) come out as the upright
+    cell, and a defect mask drawn in the cell's own coordinates lands where it belongs."""
+    from elinspect.data.errors import DatasetError
+    from elinspect.data.folder import FolderDataModule
+    from elinspect.data.transforms import resize
+
+    to_canvas = cv2.getPerspectiveTransform(rectangle(TEXTURE[1], TEXTURE[0]), SKEWED)
+    cell_mask = np.zeros(TEXTURE, np.uint8)
+    cell_mask[20:45, 70:110] = 255  # a defect in the upper right of the cell
+    canvas_mask = cv2.warpPerspective(cell_mask, to_canvas, (CANVAS[1], CANVAS[0]), flags=cv2.INTER_NEAREST)
+    for name in ("good", "defect", "masks"):
+        (tmp_path / name).mkdir()
+    for i in range(4):
+        cv2.imwrite(str(tmp_path / "good" / f"{i}.png"), place(SKEWED, i))
+    cv2.imwrite(str(tmp_path / "defect" / "d.png"), place(SKEWED, 9))
+    cv2.imwrite(str(tmp_path / "masks" / "d_mask.png"), canvas_mask)
+
+    size = 48
+    dm = FolderDataModule(
+        root=str(tmp_path),
+        mask_dir="masks",
+        image_size=size,
+        channels=1,
+        num_workers=0,
+        val_fraction=0.25,
+        test_fraction=0.25,
+        held_out_val_fraction=0.0,
+        cell_crop={"threshold": 50, "close": 0},
+    )
+    dm.setup()
+    test = dm.dataset("test")
+    item = next(test[i] for i in range(len(test)) if int(test[i]["label"]) == 1)
+    image = item["image"][0].numpy() * 255
+    expected = resize(texture(), size).astype(float)
+    inner = (slice(3, -3), slice(3, -3))
+    assert np.abs(image[inner] - expected[inner]).mean() < 6.0  # the upright cell, not the canvas
+    assert np.abs(image[inner] - expected[:, ::-1][inner]).mean() > 12.0
+    mask = item["mask"][0].numpy() > 0
+    want = resize(cell_mask, size) > 127
+    assert (mask & want).sum() / (mask | want).sum() > 0.7  # IoU with the mask in cell coordinates
+
+    cv2.imwrite(str(tmp_path / "good" / "dark.png"), np.full(CANVAS, 20, np.uint8))
+    dark = FolderDataModule(root=str(tmp_path), image_size=size, num_workers=0, cell_crop={"threshold": 50})
+    dark.setup()
+    everything = [dark.dataset(s) for s in ("train", "val", "test")]
+    with pytest.raises(DatasetError, match=r"dark\.png.*cell_crop found no cell: no bright region"):
+        for dataset in everything:
+            for i in range(len(dataset)):
+                dataset[i]

@@ -73,13 +73,40 @@ def find_cell_quadrilateral(image_u8: np.ndarray, threshold: int = 50, close: in
     )
 
 
-def crop_cell(image: np.ndarray, quad: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+def crop_cell(
+    image: np.ndarray, quad: np.ndarray, size: int | tuple[int, int], nearest: bool = False
+) -> np.ndarray:
     """Warp the quadrilateral ``quad`` (4 (x, y) corners, any order) of ``image`` to an upright
-    ``size`` = side or (width, height) image of the same dtype and channels."""
+    ``size`` = side or (width, height) image of the same dtype and channels (``nearest``
+    interpolation for masks, bilinear otherwise)."""
     width, height = (size, size) if isinstance(size, int) else size
     source = order_corners(quad)
     target = np.array([[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]], dtype=np.float32)
     matrix = cv2.getPerspectiveTransform(source, target)
+    flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
     return cv2.warpPerspective(
-        image, matrix, (int(width), int(height)), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        image, matrix, (int(width), int(height)), flags=flags, borderMode=cv2.BORDER_REPLICATE
     )
+
+
+def quadrilateral_size(quad: np.ndarray) -> tuple[int, int]:
+    """(width, height) of the upright rectangle a quadrilateral maps to: the mean lengths of
+    its opposite sides, so the cell keeps its resolution."""
+    tl, tr, br, bl = order_corners(quad)
+    width = (np.linalg.norm(tr - tl) + np.linalg.norm(br - bl)) / 2
+    height = (np.linalg.norm(bl - tl) + np.linalg.norm(br - tr)) / 2
+    return max(1, round(float(width))), max(1, round(float(height)))
+
+
+def cut_out_cell(
+    image: np.ndarray, mask: np.ndarray | None = None, threshold: int = 50, close: int = 0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The cell of a raw EL image (and the same region of its mask), upright, at its own size.
+
+    Raises ValueError (see :func:`find_cell_quadrilateral`) when no cell outline is found.
+    """
+    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    quad = find_cell_quadrilateral(grey, threshold, close)
+    size = quadrilateral_size(quad)
+    cell = crop_cell(image, quad, size)
+    return cell, None if mask is None else crop_cell(mask, quad, size, nearest=True)

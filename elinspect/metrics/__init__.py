@@ -6,5 +6,14 @@ from elinspect.metrics.detection import (
     confusion_counts,
     save_confusion_matrix,
 )
+from elinspect.metrics.pixel import PixelAuroc, exact_auroc, pixel_auroc_value
 
-__all__ = ["DetectionConfusionMatrix", "DetectionMetrics", "confusion_counts", "save_confusion_matrix"]
+__all__ = [
+    "DetectionConfusionMatrix",
+    "DetectionMetrics",
+    "PixelAuroc",
+    "confusion_counts",
+    "exact_auroc",
+    "pixel_auroc_value",
+    "save_confusion_matrix",
+]

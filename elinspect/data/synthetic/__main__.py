@@ -10,9 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from elinspect.data.synthetic import pvel
+from elinspect.data.synthetic import folder, pvel
 
-GENERATORS = (pvel,)
+GENERATORS = (pvel, folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
