@@ -44,10 +44,17 @@ format: install ## ruff: fix what can be fixed and format
 sweep: install ## a small multirun: two losses × two seeds, 2 epochs each, at 64 px
 	$(PY) -m elinspect.train -m loss=ce,focal seed=1,2 trainer.max_epochs=2 data.image_size=64 $(ARGS)
 
-bench: install ## benchmarks (detectors + PVEL-AD loader, B-A attention, PaDiM); each prints its table
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: install $(BENCH_STAMP) ## benchmarks (detectors + PVEL-AD loader, B-A attention, PaDiM vs anomalib, GAN-AE steps); each prints its table
 	$(PY) experiments/bench_detection.py --out experiments/results/bench_detection.md
 	$(PY) experiments/bench_attention.py
-	$(PY) experiments/bench_padim.py --limit 64 --fit-doubling
+	$(PY) experiments/bench_padim.py --limit 1131 | tee experiments/results/bench_padim.md
+	$(PY) experiments/bench_padim.py --limit 256 --fit-doubling --test-limit 64
+	$(PY) experiments/bench_ganae.py --out experiments/results/bench_ganae.md
 
 clean: ## remove caches and build files (keeps logs/ and .venv)
 	rm -rf .pytest_cache .ruff_cache .hypothesis build dist *.egg-info

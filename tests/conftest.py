@@ -31,6 +31,8 @@ FAST_DATA_OVERRIDES: dict[str, list[str]] = {
         name: ["data.image_size=64", "data.batch_size=2", "data.num_workers=0"]
         for name in ("pvel", "voc", "coco")
     },
+    # one batch holds the whole val split, so its normal and defective images (and masks) meet
+    "folder": ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "data.mask_dir=masks"],
 }
 
 os.environ["WANDB_MODE"] = "offline"
@@ -160,8 +162,26 @@ def detection_data(detection_data_factory: Callable[[], DetectionData]) -> Detec
 
 
 @pytest.fixture(scope="session")
+def folder_data_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Path]:
+    """A function that writes a small synthetic ``data=folder`` dataset (20 normal, 8 defect
+    images of 64 px with masks below ``masks/``) on its first call only; returns its root."""
+    made: list[Path] = []
+
+    def get() -> Path:
+        if not made:
+            from elinspect.data.synthetic.folder import write_folder_dataset
+
+            out = tmp_path_factory.mktemp("folder-data")
+            made.append(write_folder_dataset(out, num_normal=20, num_defect=8, seed=0, image_size=64)["root"])
+        return made[0]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def fast_data_overrides(
     detection_data_factory: Callable[[], DetectionData],
+    folder_data_factory: Callable[[], Path],
 ) -> Callable[[str], list[str]]:
     """``fast_data_overrides("elpv")`` → the overrides that make that dataset small and quick
     (generating a synthetic dataset on first use where the dataset needs files)."""
@@ -173,6 +193,8 @@ def fast_data_overrides(
         elif data == "coco":
             made = detection_data_factory()
             fast += [f"data.root='{made.coco_root}'", f"data.image_root='{made.image_root}'"]
+        elif data == "folder":
+            fast.append(f"data.root='{folder_data_factory()}'")
         return fast
 
     return overrides
@@ -202,4 +224,6 @@ def fast_model_overrides(model: str) -> list[str]:
     fast = list(FAST_DETECTOR_OVERRIDES) if "detector" in spec else []
     if "padim" in spec:
         fast += ["model.padim.feature_size=16", "model.padim.k=20"]
+    if "base_channels" in spec:  # the reconstruction models (ganae, autoencoder): tiny networks
+        fast += ["model.image_size=32", "model.base_channels=4"]
     return fast

@@ -16,6 +16,8 @@ from elinspect.models.anomaly.padim import (
     gaussian_from_sums,
     random_channels,
     semi_orthogonal_matrix,
+    unpack_lower,
+    unpack_symmetric,
 )
 
 SMALL = {"feature_size": 16, "k": 20}
@@ -125,7 +127,7 @@ def test_streaming_fit_equals_a_batch_fit(splits: list[int]) -> None:
 
     model.finalize(eps=0.01)
     precision = torch.linalg.inv(ref_cov + 0.01 * torch.eye(model.k, dtype=torch.float64))
-    inv_chol = model.inv_cholesky.double()
+    inv_chol = model.inverse_cholesky().double()
     torch.testing.assert_close(inv_chol.transpose(1, 2) @ inv_chol, precision, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(model.mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
 
@@ -154,7 +156,7 @@ def test_sum_memory_does_not_grow_with_the_number_of_images() -> None:
     for batch in images.split(8):
         many.update(batch)
     assert float(few.count) == 4 and float(many.count) == 40
-    assert sum_bytes(few) == sum_bytes(many) == [64 * 10 * 8, 64 * 10 * 10 * 8, 8]
+    assert sum_bytes(few) == sum_bytes(many) == [64 * 10 * 8, 64 * 55 * 8, 8]  # Σxxᵀ: packed triangle
     assert not torch.equal(few.sums()[1], many.sums()[1])
 
 
@@ -170,7 +172,7 @@ def test_sums_reduced_over_ranks_give_the_single_process_fit() -> None:
     reduced.finalize()
     assert float(reduced.count) == 6
     torch.testing.assert_close(reduced.mean, single.mean)
-    torch.testing.assert_close(reduced.inv_cholesky, single.inv_cholesky, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(reduced.inverse_cholesky(), single.inverse_cholesky(), rtol=1e-4, atol=1e-4)
 
 
 def test_finalize_needs_two_images() -> None:
@@ -275,3 +277,13 @@ def test_fitted_model_exports_with_torch_export(fitted: Padim) -> None:
     images = smooth_textures(2, seed=5)
     exported = torch.export.export(fitted, (images,))
     torch.testing.assert_close(exported.module()(images), fitted(images))
+
+
+def test_packed_sums_unpack_to_the_full_symmetric_matrices() -> None:
+    x = torch.randn(5, 3, 4, dtype=torch.float64)  # 5 positions, 3 samples, k = 4
+    full = x.transpose(1, 2) @ x
+    rows, cols = torch.triu_indices(4, 4)
+    torch.testing.assert_close(unpack_symmetric(full[:, rows, cols], 4), full)
+    lower = torch.linalg.cholesky(full + torch.eye(4, dtype=torch.float64))
+    rows, cols = torch.tril_indices(4, 4)
+    torch.testing.assert_close(unpack_lower(lower[:, rows, cols], 4), lower)

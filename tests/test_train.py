@@ -16,12 +16,19 @@ from elinspect.eval import evaluate
 from elinspect.models.base import CHECKPOINT_KEY
 from elinspect.train import OutputExistsError, train
 from elinspect.utils.build import effective_loss_config
-from elinspect.utils.compat import IncompatibleConfigError, data_tasks, model_task
+from elinspect.utils.compat import (
+    IncompatibleConfigError,
+    data_tasks,
+    loss_kind,
+    model_loss_kind,
+    model_task,
+)
 from tests.conftest import FAST_DATA_OVERRIDES, fast_model_overrides, group_options
 
 GRID = [(m, d) for m in group_options("model") for d in group_options("data")]
 
 SHORT_RUN = [
+    "model=classifier",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=3",
     "trainer.limit_val_batches=2",
@@ -141,7 +148,9 @@ def test_wandb_offline_run_holds_the_logged_metric(make_cfg) -> None:
 @pytest.mark.parametrize("loss", group_options("loss"))
 @pytest.mark.parametrize("model", group_options("model"))
 def test_every_model_trains_with_every_loss(make_cfg, fast_data_overrides, model: str, loss: str) -> None:
-    """The loss axis composes with every model: the chosen loss is the one that trains."""
+    """The loss axis composes with every model: the chosen loss is the one that trains; a loss
+    of another kind (a reconstruction loss for a classifier or detector, a classification loss
+    for GAN-AE or the autoencoder) is refused before anything runs, naming the losses that fit."""
     probe = make_cfg("train.yaml", [f"model={model}"])
     data = next(
         d
@@ -150,6 +159,10 @@ def test_every_model_trains_with_every_loss(make_cfg, fast_data_overrides, model
     )
     overrides = [f"model={model}", f"data={data}", f"loss={loss}", "trainer.fast_dev_run=true", "logger=csv"]
     cfg = make_cfg("train.yaml", [*overrides, *fast_data_overrides(data), *fast_model_overrides(model)])
+    if loss_kind(effective_loss_config(cfg)) != model_loss_kind(cfg.model):
+        with pytest.raises(IncompatibleConfigError, match=f"model={model} trains with .* Losses that fit"):
+            train(cfg)
+        return
     metrics, objects = train(cfg)
     used = [
         m
@@ -158,3 +171,31 @@ def test_every_model_trains_with_every_loss(make_cfg, fast_data_overrides, model
     ]
     assert used, f"{effective_loss_config(cfg)._target_} is not part of the trained model"
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_the_default_job_is_semacnn_and_eval_reproduces_its_test_metrics(make_cfg) -> None:
+    """`make train` (no options) is SeMaCNN on ELPV: PaDiM fitted in epoch 0, the heatmap
+    classifier trained after it; `eval` from the best checkpoint gives the same test numbers."""
+    cfg = make_cfg(
+        "train.yaml",
+        [
+            *FAST_DATA_OVERRIDES["elpv"],
+            *fast_model_overrides("semacnn"),
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=4",
+            "trainer.limit_val_batches=2",
+            "trainer.limit_test_batches=2",
+            "logger=csv",
+        ],
+    )
+    assert cfg.model._target_.endswith("SemaCnnModule") and cfg.data._target_.endswith("ElpvDataModule")
+    metrics, objects = train(cfg)
+    model = objects["model"]
+    assert model.stage == 2 and bool(model.padim.fitted)
+    # each batch is a step: 4 fitted in stage 1 (epoch 0), 4 classifier steps in epoch 1
+    assert objects["trainer"].global_step == 8
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    ecfg = make_cfg("eval.yaml", [f"ckpt_path={best}", "logger=csv", "trainer.limit_test_batches=2"])
+    eval_metrics, _ = evaluate(ecfg)
+    for name in ("test/acc", "test/f1", "test/auroc"):
+        assert eval_metrics[name] == pytest.approx(metrics[name], abs=1e-6)

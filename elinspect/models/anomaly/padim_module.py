@@ -20,6 +20,9 @@ distribution of a dataset". Here:
   ``threshold`` (so it is saved in checkpoints); ``val/{acc,f1,precision,recall}`` are
   reported at it and ``val/auroc`` on the scores. Test uses the stored threshold.
   Labels > 0 count as defective (ELPV's four-class targets too).
+* **Pixel AUROC.** When batches carry ground-truth ``mask``s (``data=folder`` with a mask
+  directory), the anomaly maps and masks of every val/test pixel are collected and
+  ``{val,test}/pixel_auroc`` is logged (exact, see :mod:`elinspect.metrics.pixel` for memory).
 * The ``loss`` argument (every model config has a ``default_loss``) is kept as a submodule
   for uniformity but is **unused**: PaDiM has no supervised objective.
 """
@@ -27,6 +30,7 @@ distribution of a dataset". Here:
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -41,10 +45,16 @@ from torchmetrics.functional.classification import (
 )
 
 from elinspect.data.info import DatasetInfo
+from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.base import ElinspectModule
 
 log = logging.getLogger(__name__)
+
+# By design, not a problem: the fit epoch returns no loss (no optimiser step), and PaDiM's
+# frozen backbone stays in eval mode while the rest trains. Lightning warns of both.
+warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def best_f1_threshold(scores: Tensor, labels: Tensor) -> float:
@@ -166,6 +176,7 @@ class PadimModule(PadimFitMixin, ElinspectModule):
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self.scores = nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
         self.labels = nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
+        self.pixel_auroc = nn.ModuleDict({s: PixelAuroc() for s in ("val", "test")})
 
     def configure_optimizers(self) -> None:
         return None
@@ -210,7 +221,14 @@ class PadimModule(PadimFitMixin, ElinspectModule):
         scores = Padim.image_score(maps)
         self.scores[split].update(scores)
         self.labels[split].update(batch["label"].float())
+        if "mask" in batch:
+            self.pixel_auroc[split].update(maps, batch["mask"])
         return {"anomaly_maps": maps, "scores": scores}
+
+    def _log_pixel_auroc(self, split: str) -> None:
+        value = pixel_auroc_value(self.pixel_auroc[split], split)
+        if value is not None:
+            self.log(f"{split}/pixel_auroc", value)
 
     def _collected(self, split: str) -> tuple[Tensor, Tensor] | None:
         if not self.padim._fitted:
@@ -227,6 +245,7 @@ class PadimModule(PadimFitMixin, ElinspectModule):
         return self._score(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
+        self._log_pixel_auroc("val")
         collected = self._collected("val")
         if collected is None:
             return
@@ -236,6 +255,7 @@ class PadimModule(PadimFitMixin, ElinspectModule):
         self.log("val/threshold", self.threshold)
 
     def on_test_epoch_end(self) -> None:
+        self._log_pixel_auroc("test")
         collected = self._collected("test")
         if collected is None:
             return

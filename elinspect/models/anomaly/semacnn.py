@@ -26,8 +26,17 @@ the first ``scale_images`` normal training images of stage 1, computed right aft
 smaller than an unseen normal image's; the point is only a fixed, data-derived unit that
 puts normal maps near [0, 1] (the paper does not say how heatmaps are normalised).
 
+**Heatmap size.** The anomaly map is computed on PaDiM's ``feature_size`` grid (64×64, the
+paper's) and upsampled to the input for display and pixel metrics; ``heatmap_size`` (64 in
+``conf/model/semacnn.yaml``) resizes it back for the classifier, which then costs a fraction
+of a classifier on the full-size map (about 7× less at 224 px input) and sees the same
+information. The paper does not state the classifier's input size.
+
 Validation/test log ``{val,test}/{loss,acc,f1,precision,recall,auroc}`` as the classifier
-does (in the validation of epoch 0 the classifier is still untrained).
+does (in the validation of epoch 0 the classifier is still untrained), and
+``{val,test}/pixel_auroc`` of PaDiM's maps when batches carry ground-truth ``mask``s
+(``data=folder`` with a mask directory; see :mod:`elinspect.metrics.pixel`). Stage 2 needs
+defective training images: with ``data.train_normal_only=true`` a warning says so.
 """
 
 from __future__ import annotations
@@ -38,8 +47,10 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from elinspect.data.info import DatasetInfo
+from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimFitMixin
 from elinspect.models.base import ElinspectModule
@@ -62,6 +73,9 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         heatmap_with_image: feed the grey image as a second channel beside the heatmap.
         scale_quantile: the quantile of normal-map pixels that becomes the heatmap unit.
         scale_images: how many normal training images of stage 1 the scale is taken from.
+        heatmap_size: the side the classifier reads the heatmap at (``None``: the input
+            image's size). The map's information lives on PaDiM's ``feature_size`` grid, so
+            reading it there costs far less than at the input size (see the module docstring).
     """
 
     task: ClassVar[str] = "anomaly"
@@ -78,6 +92,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         heatmap_with_image: bool = False,
         scale_quantile: float = 0.99,
         scale_images: int = 32,
+        heatmap_size: int | None = None,
         monitor: str = "val/f1",
         monitor_mode: str = "max",
     ) -> None:
@@ -90,6 +105,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
                 "heatmap_with_image": heatmap_with_image,
                 "scale_quantile": scale_quantile,
                 "scale_images": scale_images,
+                "heatmap_size": heatmap_size,
                 "monitor": monitor,
                 "monitor_mode": monitor_mode,
             }
@@ -101,6 +117,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         self.heatmap_with_image = heatmap_with_image
         self.scale_quantile = float(scale_quantile)
         self.scale_images = int(scale_images)
+        self.heatmap_size = heatmap_size
         self.net = net(num_classes=info.num_classes, in_channels=2 if heatmap_with_image else 1)
         self.loss = loss if loss is not None else nn.CrossEntropyLoss()
         self.binary = info.num_classes == 2
@@ -108,6 +125,12 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        self.pixel_auroc = nn.ModuleDict({s: PixelAuroc() for s in ("val", "test")})
+        if len(info.class_counts) > 1 and sum(info.class_counts[1:]) == 0:
+            log.warning(
+                "the training split has no defective image (data.train_normal_only=true?): "
+                "the stage-2 heatmap classifier will learn a single class"
+            )
         self.register_buffer("heatmap_scale", torch.tensor(float("nan")))
         self._scale_batch: list[Tensor] = []  # normal images of stage 1 kept for the scale
 
@@ -127,10 +150,13 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
             return self.padim(images)
 
     def classifier_input(self, maps: Tensor, images: Tensor) -> Tensor:
-        """The classifier's input: the scaled heatmap, and the grey image when asked for."""
+        """The classifier's input: the scaled heatmap, and the grey image when asked for, both
+        resized (area averaging) to ``heatmap_size`` when it is set."""
         scaled = maps / self.heatmap_scale
         if self.heatmap_with_image:
             scaled = torch.cat([scaled, images.float().mean(dim=1, keepdim=True)], dim=1)
+        if self.heatmap_size is not None and scaled.shape[-1] != self.heatmap_size:
+            scaled = F.interpolate(scaled, size=(self.heatmap_size, self.heatmap_size), mode="area")
         return scaled
 
     def forward(self, images: Tensor) -> Tensor:
@@ -181,6 +207,8 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         probs = logits.softmax(dim=1)
         metrics = getattr(self, f"{split}_metrics")
         metrics.update(probs[:, 1] if self.binary else probs, labels)
+        if split != "train" and "mask" in batch:
+            self.pixel_auroc[split].update(maps, batch["mask"])
         on_step = split == "train"
         self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
         self.log_dict(
@@ -205,6 +233,17 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         if self.stage == 1:
             raise RuntimeError("SeMaCNN is not fitted: train it (stage 1 fits PaDiM) before testing")
         self._step(batch, "test")
+
+    def _log_pixel_auroc(self, split: str) -> None:
+        value = pixel_auroc_value(self.pixel_auroc[split], split)
+        if value is not None:
+            self.log(f"{split}/pixel_auroc", value)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_pixel_auroc("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_pixel_auroc("test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         maps = self.anomaly_maps(batch["image"])
