@@ -287,3 +287,20 @@ def test_packed_sums_unpack_to_the_full_symmetric_matrices() -> None:
     lower = torch.linalg.cholesky(full + torch.eye(4, dtype=torch.float64))
     rows, cols = torch.tril_indices(4, 4)
     torch.testing.assert_close(unpack_lower(lower[:, rows, cols], 4), lower)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+@pytest.mark.parametrize("embedding", ["semi_orthogonal", "random_select"])
+def test_embedding_layer_by_layer_equals_the_embedding_of_the_concatenated_features(
+    embedding: str, interpolation: str
+) -> None:
+    """embed() resizes each layer after embedding it (fewer channels to resize); resizing is
+    linear, so this must equal embedding the resized, concatenated features of features()."""
+    model = Padim(feature_size=16, k=100, embedding=embedding, interpolation=interpolation)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    features = model.features(images).flatten(2).transpose(1, 2)  # N×P×D
+    if embedding == "semi_orthogonal":
+        expected = features @ model.projection
+    else:
+        expected = features.index_select(-1, model.channel_index)
+    torch.testing.assert_close(model.embed(images), expected, rtol=1e-4, atol=1e-5)

@@ -181,7 +181,7 @@ def test_the_default_job_is_semacnn_and_eval_reproduces_its_test_metrics(make_cf
         [
             *FAST_DATA_OVERRIDES["elpv"],
             *fast_model_overrides("semacnn"),
-            "trainer.max_epochs=2",
+            "model.classifier_epochs=1",  # trainer.max_epochs follows: 1 fit + 1 classifier epoch
             "trainer.limit_train_batches=4",
             "trainer.limit_val_batches=2",
             "trainer.limit_test_batches=2",

@@ -17,7 +17,7 @@ in one Lightning run:
 
 :attr:`SemaCnnModule.stage` is derived from the persistent buffers (PaDiM's ``fitted`` and
 ``heatmap_scale``), so a run resumed from a checkpoint saved after stage 1 continues with
-stage 2 and never refits; ``trainer.max_epochs`` = 1 + the classifier's epochs.
+stage 2 and never refits; ``trainer.max_epochs`` = 1 + ``classifier_epochs``.
 
 **Heatmap scale.** The classifier sees ``map / heatmap_scale``, where ``heatmap_scale`` (a
 persistent buffer) is the ``scale_quantile`` (0.99) quantile of the anomaly-map pixels of
@@ -76,6 +76,8 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         heatmap_size: the side the classifier reads the heatmap at (``None``: the input
             image's size). The map's information lives on PaDiM's ``feature_size`` grid, so
             reading it there costs far less than at the input size (see the module docstring).
+        classifier_epochs: stage 2's epochs; when set, ``trainer.max_epochs`` becomes
+            ``1 + classifier_epochs`` at the start of the fit (``None``: the trainer's).
     """
 
     task: ClassVar[str] = "anomaly"
@@ -93,6 +95,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         scale_quantile: float = 0.99,
         scale_images: int = 32,
         heatmap_size: int | None = None,
+        classifier_epochs: int | None = None,
         monitor: str = "val/f1",
         monitor_mode: str = "max",
     ) -> None:
@@ -106,6 +109,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
                 "scale_quantile": scale_quantile,
                 "scale_images": scale_images,
                 "heatmap_size": heatmap_size,
+                "classifier_epochs": classifier_epochs,
                 "monitor": monitor,
                 "monitor_mode": monitor_mode,
             }
@@ -118,6 +122,9 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         self.scale_quantile = float(scale_quantile)
         self.scale_images = int(scale_images)
         self.heatmap_size = heatmap_size
+        if classifier_epochs is not None and classifier_epochs < 1:
+            raise ValueError(f"model.classifier_epochs must be null or >= 1, got {classifier_epochs}")
+        self.classifier_epochs = classifier_epochs
         self.net = net(num_classes=info.num_classes, in_channels=2 if heatmap_with_image else 1)
         self.loss = loss if loss is not None else nn.CrossEntropyLoss()
         self.binary = info.num_classes == 2
@@ -162,6 +169,21 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
     def forward(self, images: Tensor) -> Tensor:
         """Class logits N×num_classes of images in [0, 1] (PaDiM fitted)."""
         return self.net(self.classifier_input(self.anomaly_maps(images), images))
+
+    def on_fit_start(self) -> None:
+        trainer = self.trainer
+        if self.classifier_epochs is None or trainer.fast_dev_run:
+            return
+        total = 1 + self.classifier_epochs
+        if trainer.max_epochs != total:
+            log.info(
+                "SeMaCNN: 1 PaDiM fit epoch + %d classifier epochs; trainer.max_epochs=%s is replaced by %d",
+                self.classifier_epochs,
+                trainer.max_epochs,
+                total,
+            )
+        trainer.fit_loop.max_epochs = total
+        trainer.fit_loop.min_epochs = min(trainer.fit_loop.min_epochs or 0, total)
 
     # ------------------------------------------------------------------ stage 1: the fit
     def _keep_for_scale(self, batch: dict[str, Tensor]) -> None:
