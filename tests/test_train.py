@@ -195,6 +195,8 @@ def test_the_default_job_is_semacnn_and_eval_reproduces_its_test_metrics(make_cf
     # each batch is a step: 4 fitted in stage 1 (epoch 0), 4 classifier steps in epoch 1
     assert objects["trainer"].global_step == 8
     best = objects["trainer"].checkpoint_callback.best_model_path
+    # the fit epoch's validation comes before any classifier step: it must never be the best
+    assert Path(best).name == "epoch_001.ckpt", best
     ecfg = make_cfg("eval.yaml", [f"ckpt_path={best}", "logger=csv", "trainer.limit_test_batches=2"])
     eval_metrics, _ = evaluate(ecfg)
     for name in ("test/acc", "test/f1", "test/auroc"):

@@ -33,7 +33,9 @@ of a classifier on the full-size map (about 7× less at 224 px input) and sees t
 information. The paper does not state the classifier's input size.
 
 Validation/test log ``{val,test}/{loss,acc,f1,precision,recall,auroc}`` as the classifier
-does (in the validation of epoch 0 the classifier is still untrained), and
+does. The validation of epoch 0 (the fit epoch) comes before any classifier step: it only
+makes heatmaps (for the visuals and pixel AUROC) and logs the monitored metric as NaN, so
+that checkpointing never keeps the untrained classifier as the best; and
 ``{val,test}/pixel_auroc`` of PaDiM's maps when batches carry ground-truth ``mask``s
 (``data=folder`` with a mask directory; see :mod:`elinspect.metrics.pixel`). Stage 2 needs
 defective training images: with ``data.train_normal_only=true`` a warning says so.
@@ -140,6 +142,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
             )
         self.register_buffer("heatmap_scale", torch.tensor(float("nan")))
         self._scale_batch: list[Tensor] = []  # normal images of stage 1 kept for the scale
+        self._classifier_untrained = False  # set for the validation of the fit epoch
 
     # ---------------------------------------------------------------------------- stages
     @property
@@ -214,8 +217,9 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         log.info("SeMaCNN stage 1 done: heatmap scale %.4g", float(self.heatmap_scale))
 
     def on_validation_epoch_start(self) -> None:
-        if self.fit_epoch_done():
+        if self.fit_epoch_done() and self.stage == 1:
             self._finish_stage_one()
+            self._classifier_untrained = True  # this validation comes before any classifier step
 
     def on_train_epoch_end(self) -> None:
         self._finish_stage_one()
@@ -249,6 +253,11 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor] | None:
         if self.stage == 1:  # the sanity check before the fit
             return None
+        if self._classifier_untrained:  # the fit epoch: heatmaps for the visuals, no metrics
+            maps = self.anomaly_maps(batch["image"])
+            if "mask" in batch:
+                self.pixel_auroc["val"].update(maps, batch["mask"])
+            return {"anomaly_maps": maps}
         return {"anomaly_maps": self._step(batch, "val")[1]}
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -263,6 +272,13 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_pixel_auroc("val")
+        if self._classifier_untrained:
+            # The classifier has not been trained yet: its scores would be those of a random
+            # network (an all-"defective" guess scores a fine F1), and model checkpointing would
+            # keep that epoch as the best. NaN ranks last for ModelCheckpoint in either mode.
+            self._classifier_untrained = False
+            if not self.trainer.sanity_checking:
+                self.log(self.monitor, float("nan"))
 
     def on_test_epoch_end(self) -> None:
         self._log_pixel_auroc("test")
