@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install elinspect with its dev tools (once)
 
-train: install ## train and test the default job (ResNet-18 on the real ELPV data); ARGS="key=value ..."
+train: install ## train and test the default job (SeMaCNN on the real ELPV cells); ARGS="key=value ..."
 	$(PY) -m elinspect.train $(ARGS)
 
 test: install ## run the test suite (without the slow tests); ARGS="-k name ..."

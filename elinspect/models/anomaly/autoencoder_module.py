@@ -31,10 +31,10 @@ from torchmetrics.aggregation import CatMetric
 
 from elinspect.data.info import DatasetInfo
 from elinspect.losses.reconstruction import MseFeatureLoss, ReconstructionLoss
-from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
 from elinspect.models.anomaly.autoencoder import AutoencoderDetector, ConvAutoencoder, ImageScore, segment
 from elinspect.models.anomaly.ganae_module import normal_images
 from elinspect.models.anomaly.padim_module import threshold_metrics
+from elinspect.models.anomaly.scoring import ThresholdedScoring
 from elinspect.models.anomaly.thresholds import best_f1_threshold, otsu_threshold
 from elinspect.models.base import ElinspectModule
 
@@ -44,7 +44,7 @@ THRESHOLDS = ("otsu", "f1")
 MAX_PIXELS = 4_000_000  # validation heatmap pixels kept for the pixel threshold
 
 
-class AutoencoderModule(ElinspectModule):
+class AutoencoderModule(ThresholdedScoring, ElinspectModule):
     """Autoencoder + residual heatmap + Otsu thresholds (see the module docstring).
 
     Args:
@@ -108,9 +108,7 @@ class AutoencoderModule(ElinspectModule):
         self.threshold_mode = threshold
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
-        self.scores = nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
-        self.labels = nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
-        self.pixel_auroc = nn.ModuleDict({s: PixelAuroc() for s in ("val", "test")})
+        self.init_scoring()
         self.val_pixels = CatMetric()
         self._val_pixel_count = 0
 
@@ -135,8 +133,6 @@ class AutoencoderModule(ElinspectModule):
         x_hat = self.net.autoencoder(x)
         maps = self.net.heatmap(x, x_hat)
         scores = self.net.image_score(maps)
-        self.scores[split].update(scores)
-        self.labels[split].update(batch["label"].float())
         normal = batch["label"] == 0
         if split == "val":
             if normal.any():
@@ -147,8 +143,7 @@ class AutoencoderModule(ElinspectModule):
                 self._val_pixel_count += maps.numel()
         if maps.shape[-2:] != images.shape[-2:]:
             maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        if "mask" in batch:
-            self.pixel_auroc[split].update(maps, batch["mask"])
+        self.update_scoring(split, scores, batch, maps)
         return {"anomaly_maps": maps, "scores": scores}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
@@ -156,20 +151,6 @@ class AutoencoderModule(ElinspectModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         return self._score(batch, "test")
-
-    def _collected(self, split: str) -> tuple[Tensor, Tensor] | None:
-        scores, labels = self.scores[split], self.labels[split]
-        if not scores.update_called:
-            return None
-        out = scores.compute(), labels.compute().long()
-        scores.reset()
-        labels.reset()
-        return out if out[0].numel() else None
-
-    def _log_pixel_auroc(self, split: str) -> None:
-        value = pixel_auroc_value(self.pixel_auroc[split], split)
-        if value is not None:
-            self.log(f"{split}/pixel_auroc", value)
 
     def on_validation_epoch_end(self) -> None:
         self._log_pixel_auroc("val")
@@ -190,15 +171,6 @@ class AutoencoderModule(ElinspectModule):
         if torch.isfinite(self.threshold):
             self.log_dict(threshold_metrics(scores, labels, float(self.threshold), "val/"), prog_bar=True)
             self.log("val/threshold", self.threshold)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_pixel_auroc("test")
-        collected = self._collected("test")
-        if collected is None:
-            return
-        if not torch.isfinite(self.threshold):
-            log.warning("no threshold stored (validate first): every test image counts as normal")
-        self.log_dict(threshold_metrics(*collected, float(self.threshold), "test/"))
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         scores, maps = self.net(batch["image"])

@@ -64,9 +64,9 @@ from torchmetrics.functional.classification import binary_auroc
 
 from elinspect.data.info import DatasetInfo
 from elinspect.losses.reconstruction import ReconstructionLoss, SsimFeatureLoss
-from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
 from elinspect.models.anomaly.ganae import GanAe, Norm, ScoreKind, critic_loss, generator_loss
 from elinspect.models.anomaly.padim_module import threshold_metrics, to_unit_interval
+from elinspect.models.anomaly.scoring import ThresholdedScoring
 from elinspect.models.anomaly.thresholds import best_f1_threshold, percentile_threshold
 from elinspect.models.base import ElinspectModule
 
@@ -134,7 +134,7 @@ def normal_images(batch: dict[str, Tensor]) -> Tensor:
     return images[batch["label"] == 0]
 
 
-class GanAeModule(ElinspectModule):
+class GanAeModule(ThresholdedScoring, ElinspectModule):
     """GAN-AE in stages (see the module docstring).
 
     Args:
@@ -263,9 +263,7 @@ class GanAeModule(ElinspectModule):
         self.register_buffer("critic_steps", torch.tensor(0, dtype=torch.long))
         # per-epoch collections
         self.train_scores = CatMetric()
-        self.scores = nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
-        self.labels = nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
-        self.pixel_auroc = nn.ModuleDict({s: PixelAuroc() for s in ("val", "test")})
+        self.init_scoring()
         self._calibration_seen = 0
         self._warned_untrained = False
 
@@ -467,10 +465,7 @@ class GanAeModule(ElinspectModule):
             out = self.net.analyse(images)
             scores = self.net.combine(out)
             maps = self.net.localise(out["x"], out["x_hat"], images.shape[-2:])
-        self.scores[split].update(scores)
-        self.labels[split].update(batch["label"].float())
-        if "mask" in batch:
-            self.pixel_auroc[split].update(maps, batch["mask"])
+        self.update_scoring(split, scores, batch, maps)
         normal = batch["label"] == 0
         if split == "val" and normal.any():
             loss = self.loss(
@@ -494,20 +489,6 @@ class GanAeModule(ElinspectModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         return self._score(batch, "test")
 
-    def _collected(self, split: str) -> tuple[Tensor, Tensor] | None:
-        scores, labels = self.scores[split], self.labels[split]
-        if not scores.update_called:
-            return None
-        out = scores.compute(), labels.compute().long()
-        scores.reset()
-        labels.reset()
-        return out if out[0].numel() else None
-
-    def _log_pixel_auroc(self, split: str) -> None:
-        value = pixel_auroc_value(self.pixel_auroc[split], split)
-        if value is not None:
-            self.log(f"{split}/pixel_auroc", value)
-
     def on_validation_epoch_end(self) -> None:
         self._log_pixel_auroc("val")
         collected = self._collected("val")
@@ -523,17 +504,6 @@ class GanAeModule(ElinspectModule):
             target = (labels > 0).long()
             if 0 < int(target.sum()) < len(target):
                 self.log("val/auroc", binary_auroc(to_unit_interval(scores), target), prog_bar=True)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_pixel_auroc("test")
-        collected = self._collected("test")
-        if collected is None:
-            return
-        if not torch.isfinite(self.threshold):
-            log.warning(
-                "GAN-AE has no threshold (no calibration or validation ran): every test image counts as normal"
-            )
-        self.log_dict(threshold_metrics(*collected, float(self.threshold), "test/"))
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         images = batch["image"]

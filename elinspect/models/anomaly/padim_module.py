@@ -35,7 +35,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.aggregation import CatMetric
 from torchmetrics.functional.classification import (
     binary_accuracy,
     binary_auroc,
@@ -45,8 +44,8 @@ from torchmetrics.functional.classification import (
 )
 
 from elinspect.data.info import DatasetInfo
-from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
 from elinspect.models.anomaly.padim import Padim
+from elinspect.models.anomaly.scoring import ThresholdedScoring
 from elinspect.models.base import ElinspectModule
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ class PadimFitMixin:
         return True
 
 
-class PadimModule(PadimFitMixin, ElinspectModule):
+class PadimModule(PadimFitMixin, ThresholdedScoring, ElinspectModule):
     """PaDiM as a LightningModule (see the module docstring).
 
     Args:
@@ -174,9 +173,7 @@ class PadimModule(PadimFitMixin, ElinspectModule):
         self.eps = float(eps)
         self.loss = loss  # unused: PaDiM has no supervised objective
         self.register_buffer("threshold", torch.tensor(float("nan")))
-        self.scores = nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
-        self.labels = nn.ModuleDict({s: CatMetric() for s in ("val", "test")})
-        self.pixel_auroc = nn.ModuleDict({s: PixelAuroc() for s in ("val", "test")})
+        self.init_scoring()
 
     def configure_optimizers(self) -> None:
         return None
@@ -219,24 +216,11 @@ class PadimModule(PadimFitMixin, ElinspectModule):
             return None
         maps = self.padim(batch["image"])
         scores = Padim.image_score(maps)
-        self.scores[split].update(scores)
-        self.labels[split].update(batch["label"].float())
-        if "mask" in batch:
-            self.pixel_auroc[split].update(maps, batch["mask"])
+        self.update_scoring(split, scores, batch, maps)
         return {"anomaly_maps": maps, "scores": scores}
 
-    def _log_pixel_auroc(self, split: str) -> None:
-        value = pixel_auroc_value(self.pixel_auroc[split], split)
-        if value is not None:
-            self.log(f"{split}/pixel_auroc", value)
-
     def _collected(self, split: str) -> tuple[Tensor, Tensor] | None:
-        if not self.padim._fitted:
-            return None
-        scores, labels = self.scores[split].compute(), self.labels[split].compute().long()
-        self.scores[split].reset()
-        self.labels[split].reset()
-        return (scores, labels) if scores.numel() else None
+        return super()._collected(split) if self.padim._fitted else None
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor] | None:
         return self._score(batch, "val")
@@ -253,15 +237,6 @@ class PadimModule(PadimFitMixin, ElinspectModule):
         self.threshold.fill_(best_f1_threshold(scores, labels))
         self.log_dict(threshold_metrics(scores, labels, float(self.threshold), "val/"), prog_bar=True)
         self.log("val/threshold", self.threshold)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_pixel_auroc("test")
-        collected = self._collected("test")
-        if collected is None:
-            return
-        if torch.isnan(self.threshold):
-            log.warning("no validation threshold stored (validate first): every test image counts as normal")
-        self.log_dict(threshold_metrics(*collected, float(self.threshold), "test/"))
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         maps = self.padim(batch["image"])

@@ -1,0 +1,70 @@
+"""What every thresholded anomaly model (PaDiM, GAN-AE, the autoencoder) evaluates alike.
+
+Image scores and labels of a split are collected over the epoch (``CatMetric``, gathered
+over DDP ranks); at the end the decision threshold — a persistent ``threshold`` buffer the
+model sets its own way — turns them into ``{split}/{acc,f1,precision,recall}`` and the scores
+into ``{split}/auroc`` (:func:`~elinspect.models.anomaly.padim_module.threshold_metrics`);
+with ground-truth masks in the batches, ``{split}/pixel_auroc`` as well
+(:class:`~elinspect.metrics.pixel.PixelAuroc`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.aggregation import CatMetric
+
+from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("val", "test")
+
+
+class ThresholdedScoring:
+    """Mixin for a LightningModule with a ``threshold`` buffer; call :meth:`init_scoring`
+    in ``__init__`` and :meth:`update_scoring` from the val/test steps."""
+
+    threshold: Tensor
+
+    def init_scoring(self) -> None:
+        self.scores = nn.ModuleDict({s: CatMetric() for s in SPLITS})
+        self.labels = nn.ModuleDict({s: CatMetric() for s in SPLITS})
+        self.pixel_auroc = nn.ModuleDict({s: PixelAuroc() for s in SPLITS})
+
+    def update_scoring(self, split: str, scores: Tensor, batch: dict[str, Tensor], maps: Tensor) -> None:
+        self.scores[split].update(scores)
+        self.labels[split].update(batch["label"].float())
+        if "mask" in batch:
+            self.pixel_auroc[split].update(maps, batch["mask"])
+
+    def _collected(self, split: str) -> tuple[Tensor, Tensor] | None:
+        """The epoch's (scores, labels > 0 as long) of ``split``, then reset; None if empty."""
+        scores, labels = self.scores[split], self.labels[split]
+        if not scores.update_called:
+            return None
+        out = scores.compute(), labels.compute().long()
+        scores.reset()
+        labels.reset()
+        return out if out[0].numel() else None
+
+    def _log_pixel_auroc(self, split: str) -> None:
+        value = pixel_auroc_value(self.pixel_auroc[split], split)
+        if value is not None:
+            self.log(f"{split}/pixel_auroc", value)
+
+    def on_test_epoch_end(self) -> None:
+        from elinspect.models.anomaly.padim_module import threshold_metrics
+
+        self._log_pixel_auroc("test")
+        collected = self._collected("test")
+        if collected is None:
+            return
+        if not torch.isfinite(self.threshold):
+            log.warning(
+                "%s has no decision threshold (validate first): every test image counts as normal",
+                type(self).__name__,
+            )
+        self.log_dict(threshold_metrics(*collected, float(self.threshold), "test/"))
