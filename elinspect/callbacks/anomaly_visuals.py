@@ -15,15 +15,14 @@ validation is skipped.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import matplotlib
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
-from torchvision.io import write_png
+
+from elinspect.callbacks.pictures import epoch_directory, save_and_log_pictures
 
 
 def heatmap_overlay(
@@ -86,18 +85,12 @@ class AnomalyHeatmapCallback(L.Callback):
         if not self._active(trainer) or not samples or not trainer.is_global_zero:
             return
         vmax = max(float(heatmap.max()) for _, heatmap, _ in samples)
-        directory = Path(trainer.default_root_dir) / "visuals" / f"epoch_{trainer.current_epoch:03d}"
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = epoch_directory(trainer)
         class_names = list(getattr(pl_module, "class_names", []) or [])
         pictures, captions = [], []
-        for i, (image, heatmap, label) in enumerate(samples):
-            picture = heatmap_overlay(image, heatmap, vmax, self.alpha, self.cmap)
-            write_png(picture, str(directory / f"{i:02d}.png"))
-            pictures.append(picture.permute(1, 2, 0).numpy())
+        for image, heatmap, label in samples:
+            pictures.append(heatmap_overlay(image, heatmap, vmax, self.alpha, self.cmap))
             name = class_names[label] if 0 <= label < len(class_names) else str(label)
             captions.append(f"{name}, score {float(heatmap.max()):.3g}")
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(
-                    key="val/heatmaps", images=pictures, caption=captions, step=trainer.global_step
-                )
+        paths = [directory / f"{i:02d}.png" for i in range(len(pictures))]
+        save_and_log_pictures(trainer, "val/heatmaps", pictures, paths, captions)

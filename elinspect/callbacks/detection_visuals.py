@@ -12,15 +12,14 @@ those images. The sanity-check validation is skipped.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
-from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
+
+from elinspect.callbacks.pictures import epoch_directory, save_and_log_pictures
 
 GT_COLOUR = "lime"
 DIFFICULT_COLOUR = "yellow"
@@ -122,18 +121,12 @@ class DetectionVisualsCallback(L.Callback):
             self._samples = []
             return
         class_names = list(getattr(pl_module, "class_names", []) or [])
-        directory = Path(trainer.default_root_dir) / "visuals" / f"epoch_{trainer.current_epoch:03d}"
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = epoch_directory(trainer)
         pictures, captions = [], []
         for i, (image, target, pred) in enumerate(self._samples):
-            picture = draw_detections(image, target, pred, class_names, self.score_threshold)
-            write_png(picture, str(directory / f"{i:02d}.png"))
-            pictures.append(picture.permute(1, 2, 0).numpy())
+            pictures.append(draw_detections(image, target, pred, class_names, self.score_threshold))
             image_id = target.get("image_id")
             captions.append(f"image {int(image_id)}" if image_id is not None else f"image {i}")
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(
-                    key="val/visuals", images=pictures, caption=captions, step=trainer.global_step
-                )
+        paths = [directory / f"{i:02d}.png" for i in range(len(pictures))]
+        save_and_log_pictures(trainer, "val/visuals", pictures, paths, captions)
         self._samples = []

@@ -25,11 +25,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor, nn
-from torchvision.io import write_png
 from torchvision.utils import make_grid
 
+from elinspect.callbacks.pictures import save_and_log_pictures
 from elinspect.models.anomaly.ganae import GanAe
 
 
@@ -133,15 +132,8 @@ class GanAeSamplesCallback(L.Callback):
             if images and getattr(pl_module, "stage", "done") != "generator":
                 pictures["reconstructed"] = reconstruction_grid(net, torch.cat(images)[: self.num_images])
         directory = Path(trainer.default_root_dir) / "samples"
-        directory.mkdir(parents=True, exist_ok=True)
         for name, picture in pictures.items():
-            write_png(picture, str(directory / f"epoch_{trainer.current_epoch:03d}_{name}.png"))
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                for name, picture in pictures.items():
-                    logger.log_image(
-                        key=f"ganae/{name}",
-                        images=[picture.permute(1, 2, 0).numpy()],
-                        caption=[f"epoch {trainer.current_epoch}"],
-                        step=trainer.global_step,
-                    )
+            path = directory / f"epoch_{trainer.current_epoch:03d}_{name}.png"
+            save_and_log_pictures(
+                trainer, f"ganae/{name}", [picture], [path], [f"epoch {trainer.current_epoch}"]
+            )
