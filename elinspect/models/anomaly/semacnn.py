@@ -219,7 +219,9 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
     def on_validation_epoch_start(self) -> None:
         if self.fit_epoch_done() and self.stage == 1:
             self._finish_stage_one()
-            self._classifier_untrained = True  # this validation comes before any classifier step
+            # this validation comes before any classifier step; under fast_dev_run (no
+            # checkpointing, one batch of everything) the classifier is scored all the same
+            self._classifier_untrained = not self.trainer.fast_dev_run
 
     def on_train_epoch_end(self) -> None:
         self._finish_stage_one()
