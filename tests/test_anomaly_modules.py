@@ -19,8 +19,9 @@ from torchvision.io import read_image
 
 from elinspect.callbacks.anomaly_visuals import AnomalyHeatmapCallback, heatmap_overlay
 from elinspect.models.anomaly.padim import Padim
-from elinspect.models.anomaly.padim_module import PadimModule, best_f1_threshold
+from elinspect.models.anomaly.padim_module import PadimModule
 from elinspect.models.anomaly.semacnn import SemaCnnModule
+from elinspect.models.anomaly.thresholds import best_f1_threshold
 from elinspect.models.classification import ImageClassifier
 from tests.test_padim import add_dark_blob, smooth_textures
 

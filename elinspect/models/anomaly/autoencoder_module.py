@@ -33,9 +33,8 @@ from elinspect.data.info import DatasetInfo
 from elinspect.losses.reconstruction import MseFeatureLoss, ReconstructionLoss
 from elinspect.models.anomaly.autoencoder import AutoencoderDetector, ConvAutoencoder, ImageScore, segment
 from elinspect.models.anomaly.ganae_module import normal_images
-from elinspect.models.anomaly.padim_module import threshold_metrics
 from elinspect.models.anomaly.scoring import ThresholdedScoring
-from elinspect.models.anomaly.thresholds import best_f1_threshold, otsu_threshold
+from elinspect.models.anomaly.thresholds import best_f1_threshold, otsu_threshold, threshold_metrics
 from elinspect.models.base import ElinspectModule
 
 log = logging.getLogger(__name__)

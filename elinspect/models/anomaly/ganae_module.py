@@ -65,9 +65,13 @@ from torchmetrics.functional.classification import binary_auroc
 from elinspect.data.info import DatasetInfo
 from elinspect.losses.reconstruction import ReconstructionLoss, SsimFeatureLoss
 from elinspect.models.anomaly.ganae import GanAe, Norm, ScoreKind, critic_loss, generator_loss
-from elinspect.models.anomaly.padim_module import threshold_metrics, to_unit_interval
 from elinspect.models.anomaly.scoring import ThresholdedScoring
-from elinspect.models.anomaly.thresholds import best_f1_threshold, percentile_threshold
+from elinspect.models.anomaly.thresholds import (
+    best_f1_threshold,
+    percentile_threshold,
+    threshold_metrics,
+    to_unit_interval,
+)
 from elinspect.models.base import ElinspectModule
 
 log = logging.getLogger(__name__)

@@ -35,17 +35,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.functional.classification import (
-    binary_accuracy,
-    binary_auroc,
-    binary_f1_score,
-    binary_precision,
-    binary_recall,
-)
 
 from elinspect.data.info import DatasetInfo
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.scoring import ThresholdedScoring
+from elinspect.models.anomaly.thresholds import best_f1_threshold, threshold_metrics
 from elinspect.models.base import ElinspectModule
 
 log = logging.getLogger(__name__)
@@ -54,44 +48,6 @@ log = logging.getLogger(__name__)
 # frozen backbone stays in eval mode while the rest trains. Lightning warns of both.
 warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-
-
-def best_f1_threshold(scores: Tensor, labels: Tensor) -> float:
-    """The score ``t`` for which "defective if score ≥ t" has the highest F1 on (scores, labels).
-
-    A sweep over the sorted scores (cut only between distinct values); ties in F1 go to the
-    highest threshold. Without positives every F1 is 0 and the top score is returned.
-    """
-    order = scores.argsort(descending=True)
-    ranked = scores[order].double()
-    positive = (labels[order] > 0).double()
-    tp = positive.cumsum(0)
-    fp = (1 - positive).cumsum(0)
-    f1 = 2 * tp / (tp + fp + positive.sum())  # 2tp / (2tp + fp + fn), fn = P - tp
-    group_end = torch.ones_like(ranked, dtype=torch.bool)
-    group_end[:-1] = ranked[:-1] != ranked[1:]
-    f1 = torch.where(group_end, f1, torch.full_like(f1, -1.0))
-    return float(ranked[int(f1.argmax())])
-
-
-def to_unit_interval(scores: Tensor) -> Tensor:
-    """Scores min-max scaled to [0, 1] (order kept): torchmetrics would squash scores outside
-    [0, 1] with a sigmoid, which saturates (ties) for distances of a few tens."""
-    low, high = scores.min(), scores.max()
-    return (scores - low) / (high - low).clamp_min(1e-12)
-
-
-def threshold_metrics(scores: Tensor, labels: Tensor, threshold: float, prefix: str) -> dict[str, Tensor]:
-    """``{prefix}{auroc,acc,f1,precision,recall}`` of "defective if score ≥ threshold"."""
-    target = (labels > 0).long()
-    preds = (scores >= threshold).long()
-    return {
-        f"{prefix}auroc": binary_auroc(to_unit_interval(scores), target),
-        f"{prefix}acc": binary_accuracy(preds, target),
-        f"{prefix}f1": binary_f1_score(preds, target),
-        f"{prefix}precision": binary_precision(preds, target),
-        f"{prefix}recall": binary_recall(preds, target),
-    }
 
 
 class PadimFitMixin:

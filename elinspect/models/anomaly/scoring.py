@@ -3,7 +3,7 @@
 Image scores and labels of a split are collected over the epoch (``CatMetric``, gathered
 over DDP ranks); at the end the decision threshold — a persistent ``threshold`` buffer the
 model sets its own way — turns them into ``{split}/{acc,f1,precision,recall}`` and the scores
-into ``{split}/auroc`` (:func:`~elinspect.models.anomaly.padim_module.threshold_metrics`);
+into ``{split}/auroc`` (:func:`~elinspect.models.anomaly.thresholds.threshold_metrics`);
 with ground-truth masks in the batches, ``{split}/pixel_auroc`` as well
 (:class:`~elinspect.metrics.pixel.PixelAuroc`).
 """
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import CatMetric
 
 from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
+from elinspect.models.anomaly.thresholds import threshold_metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ class ThresholdedScoring:
             self.log(f"{split}/pixel_auroc", value)
 
     def on_test_epoch_end(self) -> None:
-        from elinspect.models.anomaly.padim_module import threshold_metrics
-
         self._log_pixel_auroc("test")
         collected = self._collected("test")
         if collected is None:
