@@ -73,6 +73,9 @@ def build_datamodule_and_model(cfg: DictConfig) -> tuple[L.LightningDataModule, 
         model_config(cfg), dataset=info.to_dict(), loss=loss, _convert_="all"
     )
     model.run_config = stored_config(cfg)
+    extra_inputs = set(getattr(model, "extra_inputs", ()))
+    if extra_inputs:  # e.g. RDDN's aligned templates or defect-free samples beside each image
+        datamodule.request_inputs(extra_inputs)
     return datamodule, model
 
 
