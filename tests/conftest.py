@@ -33,6 +33,11 @@ FAST_DATA_OVERRIDES: dict[str, list[str]] = {
     },
     # one batch holds the whole val split, so its normal and defective images (and masks) meet
     "folder": ["data.image_size=64", "data.batch_size=8", "data.num_workers=0", "data.mask_dir=masks"],
+    # the synthetic Tianchi sets hold 24 images: a 4-image test split instead of the paper's 500
+    **{
+        name: ["data.image_size=64", "data.batch_size=2", "data.num_workers=0", "data.test_size=4"]
+        for name in ("fabric", "aluminum")
+    },
 }
 
 os.environ["WANDB_MODE"] = "offline"
@@ -179,9 +184,33 @@ def folder_data_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[[]
 
 
 @pytest.fixture(scope="session")
+def tianchi_data_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``get("fabric")`` / ``get("aluminum")`` → the root of a small synthetic dataset in that
+    Tianchi layout (24 images; written on first use only)."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            out = tmp_path_factory.mktemp(f"{name}-data") / name
+            if name == "fabric":
+                from elinspect.data.synthetic.fabric import write_fabric_dataset
+
+                write_fabric_dataset(out, num_images=24, seed=0, width=128, height=53, normal_fraction=0.25)
+            else:
+                from elinspect.data.synthetic.aluminum import write_aluminum_dataset
+
+                write_aluminum_dataset(out, num_images=24, seed=0, width=96, height=72, normal_fraction=0.25)
+            made[name] = out
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def fast_data_overrides(
     detection_data_factory: Callable[[], DetectionData],
     folder_data_factory: Callable[[], Path],
+    tianchi_data_factory: Callable[[str], Path],
 ) -> Callable[[str], list[str]]:
     """``fast_data_overrides("elpv")`` → the overrides that make that dataset small and quick
     (generating a synthetic dataset on first use where the dataset needs files)."""
@@ -195,6 +224,8 @@ def fast_data_overrides(
             fast += [f"data.root='{made.coco_root}'", f"data.image_root='{made.image_root}'"]
         elif data == "folder":
             fast.append(f"data.root='{folder_data_factory()}'")
+        elif data in ("fabric", "aluminum"):
+            fast.append(f"data.root='{tianchi_data_factory(data)}'")
         return fast
 
     return overrides

@@ -1,7 +1,8 @@
 """Command-line dispatcher: ``python -m elinspect.data.synthetic <generator> [options]``.
 
 Each generator module registers one subcommand through its ``add_cli(subparsers)``;
-a new generator (``fabric``, ``aluminum``) is one more entry in ``GENERATORS``.
+a new generator is one more entry in ``GENERATORS`` (``pvel``, ``folder``, ``fabric``,
+``aluminum``).
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from elinspect.data.synthetic import folder, pvel
+from elinspect.data.synthetic import aluminum, fabric, folder, pvel
 
-GENERATORS = (pvel, folder)
+GENERATORS = (pvel, folder, fabric, aluminum)
 
 
 def build_parser() -> argparse.ArgumentParser:
