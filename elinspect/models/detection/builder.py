@@ -11,6 +11,12 @@ normalise transform — is torchvision's; this module only wires the parts toget
 Images enter the model as float tensors in [0, 1] (grey EL images repeated to three
 channels) and are normalised exactly once, by torchvision's ``GeneralizedRCNNTransform``
 with ``image_mean`` / ``image_std`` (ImageNet statistics by default).
+
+The box head is torchvision's two-MLP head unless ``head`` / ``context`` ask for RDDN's
+variants (``rddn.txt`` §III.B.4, §IV.C): :func:`~elinspect.models.detection.heads.build_box_heads`
+then replaces the ROI heads by a Cascade R-CNN and / or adds the context reference. With the
+defaults (``head="standard"``, no context) it is not called at all, so a plain Faster R-CNN
+is built exactly as before (same modules, same random initialisation).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from elinspect.models.detection.backbone_with_neck import BackboneWithNeck
 from elinspect.models.detection.backbones import build_resnet_body
+from elinspect.models.detection.heads import build_box_heads
 from elinspect.models.detection.necks import build_neck
 from elinspect.models.detection.roi_heads import LossRoIHeads
 
@@ -104,6 +111,10 @@ def build_faster_rcnn(
     fixed_size: Sequence[int] | None = None,
     image_mean: Sequence[float] = IMAGENET_MEAN,
     image_std: Sequence[float] = IMAGENET_STD,
+    head: str = "standard",
+    cascade_iou: Sequence[float] = (0.4, 0.5, 0.6),
+    cascade_stage_weights: Sequence[float] = (1.0, 0.5, 0.25),
+    context: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> FasterRCNN:
     """Build a Faster R-CNN from a ResNet body, a registered neck and a ROI classification loss.
@@ -125,6 +136,11 @@ def build_faster_rcnn(
             ``max_size`` (the EBBA paper uses ``(600, 600)``). Note that torchvision's own
             ``fixed_size`` argument is ``(width, height)``; the swap is done here.
         image_mean, image_std: normalisation applied by torchvision's transform.
+        head: ``"standard"`` (Faster R-CNN's one box head) or ``"cascade"`` (Cascade R-CNN,
+            one stage per ``cascade_iou`` threshold; RDDN §III.C.3: 0.4, 0.5, 0.6).
+        cascade_iou, cascade_stage_weights: positive IoU and loss weight of each cascade stage.
+        context: RDDN's context reference ``{"enabled", "k", "mode"}`` (§IV.C); ``None`` or
+            ``enabled: false`` is none.
         **kwargs: the ``rpn_*`` / ``box_*`` / ``bbox_reg_weights`` arguments of
             :class:`~torchvision.models.detection.FasterRCNN` (see :data:`FASTER_RCNN_KWARGS`).
     """
@@ -163,4 +179,12 @@ def build_faster_rcnn(
         **transform_kwargs,
     )
     model.roi_heads = LossRoIHeads.from_roi_heads(model.roi_heads, classification_loss)
+    if head != "standard" or (context is not None and context.get("enabled", True)):
+        model.roi_heads = build_box_heads(
+            model.roi_heads,
+            head=head,
+            cascade_iou=tuple(cascade_iou),
+            cascade_stage_weights=tuple(cascade_stage_weights),
+            context=None if context is None else dict(context),
+        )
     return model
