@@ -104,12 +104,23 @@ class DetectionModule(ElinspectModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch
         losses = self.model(list(images), model_targets(targets))
+        return self.log_training_losses(losses, len(images))
+
+    def log_training_losses(self, losses: dict[str, Tensor], size: int) -> Tensor:
+        """Log ``train/loss`` (the sum), each loss term, and a cascade's per-stage losses; return the sum."""
         loss = sum(losses.values())
-        size = len(images)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         self.log_dict(
             {f"train/{k}": v for k, v in losses.items()}, on_step=True, on_epoch=True, batch_size=size
         )
+        stage_losses = getattr(self.model.roi_heads, "stage_losses", None)  # Cascade R-CNN, per stage
+        if stage_losses:
+            self.log_dict(
+                {f"train/{k}": v for k, v in stage_losses.items()},
+                on_step=True,
+                on_epoch=True,
+                batch_size=size,
+            )
         return loss
 
     def _eval_step(self, batch: Batch, split: str) -> list[dict[str, Tensor]]:

@@ -175,13 +175,7 @@ class RddnModule(DetectionModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch
         losses = self.model(list(images), model_targets(targets), **self.reference_inputs(targets, "train"))
-        loss = sum(losses.values())
-        size = len(images)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
-        self.log_dict(
-            {f"train/{k}": v for k, v in losses.items()}, on_step=True, on_epoch=True, batch_size=size
-        )
-        return loss
+        return self.log_training_losses(losses, len(images))
 
     def _eval_step(self, batch: Batch, split: str) -> list[dict[str, Tensor]]:
         images, targets = batch
