@@ -1,0 +1,165 @@
+"""``python -m elinspect.export``: the inference network of a checkpoint as ONNX or TorchScript,
+run next to PyTorch on the same inputs (parity within the family's tolerance), with a sidecar."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from torch import nn
+
+from elinspect.export import (
+    FAMILIES,
+    ParityError,
+    compare_detections,
+    compare_tensors,
+    export_checkpoint,
+    family_of,
+)
+from elinspect.inference import CheckpointError, load_model
+from tests.test_predict import trained_checkpoint
+
+
+@pytest.fixture(scope="module")
+def classifier_ckpt(tmp_path_factory, fast_data_overrides) -> Path:
+    return trained_checkpoint("classifier", tmp_path_factory, fast_data_overrides)
+
+
+@pytest.fixture(scope="module")
+def padim_ckpt(tmp_path_factory, fast_data_overrides) -> Path:
+    return trained_checkpoint("padim", tmp_path_factory, fast_data_overrides)
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+def check_export(ckpt: Path, fmt: str, out: Path, **options) -> dict:
+    """Export, assert every output passed within its tolerance; return the sidecar."""
+    result = export_checkpoint(ckpt, fmt, out, console=quiet(), **options)
+    assert result.path == out and out.is_file()
+    assert result.passed and len(result.checks) >= 2
+    for check in result.checks:
+        assert check.max_abs_diff <= check.atol, check  # within the absolute tolerance alone
+    sidecar = json.loads(result.sidecar.read_text())
+    assert sidecar["parity"]["passed"] is True
+    assert set(sidecar["parity"]["outputs"]) == {c.name for c in result.checks}
+    return sidecar
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_classifier_export_matches_pytorch(classifier_ckpt: Path, tmp_path: Path, fmt: str) -> None:
+    sidecar = check_export(classifier_ckpt, fmt, tmp_path / f"classifier.{fmt}", batch_size=3)
+    assert sidecar["outputs"] == ["logits", "probabilities"]
+    # traced at a batch of 2, checked at 3: the batch axis is dynamic
+    assert sidecar["inputs"] == [
+        {"name": "images", "shape": ["batch", 3, 64, 64], "dtype": "float32", "range": [0.0, 1.0]}
+    ]
+    assert sidecar["class_names"] == ["normal", "defective"]
+    assert sidecar["preprocessing"]["decode"] == "grey" and sidecar["preprocessing"]["image_size"] == 64
+    assert sidecar["normalisation"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert sidecar["parity"]["outputs"]["logits"]["atol"] == 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_padim_export_matches_pytorch(
+    padim_ckpt: Path, folder_data_factory, tmp_path: Path, fmt: str
+) -> None:
+    images = str(folder_data_factory() / "defect" / "*" / "*.png")
+    sidecar = check_export(padim_ckpt, fmt, tmp_path / f"padim.{fmt}", images=images)
+    assert sidecar["outputs"] == ["anomaly_map", "score"]
+    assert sidecar["parity"]["inputs"].startswith("images 000.png")
+    threshold = float(load_model(padim_ckpt).module.threshold)
+    assert sidecar["thresholds"]["threshold"] == pytest.approx(threshold)
+    if fmt == "onnx":
+        assert "dynamo=True" in sidecar["exporter"]
+
+
+def test_an_existing_output_is_kept(classifier_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"deployed")
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        export_checkpoint(classifier_ckpt, "onnx", out, console=quiet())
+    assert out.read_bytes() == b"deployed"
+
+
+def test_parity_comparisons_fail_when_outputs_differ() -> None:
+    tol = {"a": (1e-4, 0.0), "b": (1e-3, 1e-3)}
+    x = torch.rand(2, 5)
+    checks = compare_tensors(["a", "b"], [x, x * 100], [x + 5e-5, x * 100 * (1 + 1e-5)], tol)
+    assert all(c.passed for c in checks) and checks[0].max_abs_diff == pytest.approx(5e-5, rel=1e-3)
+    checks = compare_tensors(["a", "b"], [x, x], [x + 2e-4, x[:1]], tol)
+    assert [c.passed for c in checks] == [False, False]
+
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40], [5, 5, 30, 30]])
+    labels, scores = torch.tensor([1, 2, 1]), torch.tensor([0.9, 0.8, 0.3])
+    tolerances = FAMILIES[-1].tolerances
+    order = torch.tensor([2, 0, 1])  # the exported model may list them in another order
+    same = compare_detections(
+        (boxes, labels, scores), (boxes[order], labels[order], scores[order]), tolerances
+    )
+    assert all(c.passed for c in same) and same[0].note == "3 vs 3 detections, 3 matched"
+    missing = compare_detections((boxes, labels, scores), (boxes[:2], labels[:2], scores[:2]), tolerances)
+    assert not any(c.passed for c in missing)
+    moved = compare_detections((boxes, labels, scores), (boxes + 0.5, labels, scores), tolerances)
+    assert [c.name for c in moved if not c.passed] == ["boxes"]
+
+
+def test_a_model_without_an_export_family_is_named() -> None:
+    class Unknown(nn.Module):
+        pass
+
+    loaded = type(
+        "Loaded",
+        (),
+        {
+            "module": Unknown(),
+            "ckpt_path": Path("x.ckpt"),
+            "name": "rddn",
+            "model_class": "elinspect.models.detection.rddn.RddnModule",
+        },
+    )()
+    with pytest.raises(
+        CheckpointError, match="checkpoint of model rddn .*export knows the families classifier"
+    ):
+        family_of(loaded)
+
+
+def test_a_parity_failure_is_reported_and_raised(classifier_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    import elinspect.export as export_module
+
+    original = export_module.run_exported
+
+    def off_by_a_little(*args, **kwargs):
+        return [t + 1e-2 for t in original(*args, **kwargs)]
+
+    monkeypatch.setattr(export_module, "run_exported", off_by_a_little)
+    with pytest.raises(ParityError, match="differs from PyTorch"):
+        export_checkpoint(classifier_ckpt, "torchscript", tmp_path / "c.pt", console=quiet())
+    sidecar = json.loads((tmp_path / "c.pt.json").read_text())
+    assert sidecar["parity"]["passed"] is False
+    assert sidecar["parity"]["outputs"]["logits"]["max_abs_diff"] == pytest.approx(1e-2, rel=1e-3)
+
+
+SLOW_FAMILIES = ["semacnn", "ganae", "autoencoder", "faster_rcnn", "rddn"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("model", SLOW_FAMILIES)
+def test_every_family_exports(
+    model: str, fmt: str, tmp_path_factory, fast_data_overrides, detection_data, tmp_path: Path
+) -> None:
+    ckpt = trained_checkpoint(model, tmp_path_factory, fast_data_overrides)
+    options = {"images": str(detection_data.summary["images"] / "*.jpg")} if model == "faster_rcnn" else {}
+    sidecar = check_export(ckpt, fmt, tmp_path / f"{model}.{fmt}", **options)
+    if model == "rddn":  # TR-Pre: the exported detector takes the image and its template
+        assert [i["name"] for i in sidecar["inputs"]] == ["images", "templates"]
+    if model in ("faster_rcnn", "rddn"):
+        note = sidecar["parity"]["outputs"]["boxes"]["note"]
+        assert not note.startswith("0 vs"), "no detection to compare"
+        assert sidecar["label_offset"] == 1 and sidecar["inputs"][0]["shape"][:2] == [1, 3]
