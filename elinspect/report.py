@@ -1,20 +1,33 @@
-"""Turn a run or a multirun directory into one leaderboard table, offline, from CSV logs.
+"""Turn a run or a multirun directory into one leaderboard table and plots, offline, from files on disk.
 
     python -m elinspect.report logs/train/multiruns/<timestamp>
     python -m elinspect.report logs/train/multiruns/<timestamp> --metrics test/map_50 test/f1 --by loss model
     python -m elinspect.report DIR --no-aggregate       # one row per job
+    python -m elinspect.report DIR --no-plots           # the table only
 
 Each job's final metrics are the last logged value of every column of its
 ``csv/version_*/metrics.csv``; the job is named by its command-line overrides
 (``.hydra/overrides.yaml``). Jobs that differ only in ``seed`` or ``data.fold`` are
 aggregated to mean ± std (the n column says over how many). The table is printed, and
 written beside the runs as ``report.md`` and ``report.csv``.
+
+Plots (issue 8; drawn by :mod:`elinspect.plots`) go to ``<job>/plots/`` for every job:
+``training_curves.png`` (losses and validation metrics from the CSV log), and when the job
+was tested, from what :class:`~elinspect.callbacks.test_predictions.TestPredictionsCallback`
+and the detector wrote under ``<job>/test/``: ``roc.png`` and ``confusion_matrix.png``
+(image level, from ``predictions.csv``), ``pr_curves.png`` (one curve per class, IoU 0.5,
+from ``detections.jsonl``) and ``confusion_matrix.png`` (from a detector's
+``confusion_matrix.csv``). For several jobs, ``DIR/plots/`` also gets comparison figures:
+``metrics.png`` (a bar per configuration with ±1 std error bars over its replicates),
+``roc.png`` and ``pr.png`` (one curve per job). ``report.md`` embeds or links them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -22,15 +35,22 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from elinspect import plots as figures
+
 log = logging.getLogger(__name__)
 
 REPLICATE_KEYS = ("seed", "data.fold", "data.split_seed")
 DEFAULT_METRIC_PREFIXES = ("test/",)
 
 
+PLOTS_DIR = "plots"
+MAX_BAR_METRICS = 9
+
+
 def find_jobs(root: Path) -> list[Path]:
-    """Every run directory at or below ``root`` (one holding ``.hydra/``)."""
-    if (root / ".hydra").is_dir():
+    """Every run directory at or below ``root`` (one holding ``.hydra/``); ``root`` itself when
+    it is a run (``.hydra/``, or CSV logs of a run started without Hydra's output files)."""
+    if (root / ".hydra").is_dir() or (root / "csv").is_dir():
         return [root]
     return sorted((p.parent for p in root.rglob(".hydra")), key=lambda p: (len(p.parts), str(p)))
 
@@ -78,8 +98,11 @@ def pick_metrics(frame: pd.DataFrame, metrics: list[str] | None) -> list[str]:
     return sorted(c for c in frame.columns if str(c).startswith(DEFAULT_METRIC_PREFIXES))
 
 
-def aggregate(frame: pd.DataFrame, metrics: list[str], by: list[str] | None) -> pd.DataFrame:
-    """Mean ± std of ``metrics`` over replicates (seeds, folds) of each configuration."""
+def aggregate_numbers(
+    frame: pd.DataFrame, metrics: list[str], by: list[str] | None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+    """Mean, std (ddof 1) and count of ``metrics`` over the replicates (seeds, folds) of each
+    configuration of the jobs that did not fail; configurations are the index."""
     if by is None:
         by = [c for c in frame.columns if c not in metrics and c not in ("job", "status", *REPLICATE_KEYS)]
         by = [c for c in by if not str(c).startswith(("train/", "val/", "test/"))]
@@ -88,7 +111,12 @@ def aggregate(frame: pd.DataFrame, metrics: list[str], by: list[str] | None) -> 
         ok = ok.assign(configuration="all")
         by = ["configuration"]
     grouped = ok.groupby(by, dropna=False, sort=False)[metrics]
-    mean, std, count = grouped.mean(), grouped.std(ddof=1), grouped.size()
+    return grouped.mean(), grouped.std(ddof=1), grouped.size()
+
+
+def aggregate(frame: pd.DataFrame, metrics: list[str], by: list[str] | None) -> pd.DataFrame:
+    """Mean ± std of ``metrics`` over replicates (seeds, folds) of each configuration."""
+    mean, std, count = aggregate_numbers(frame, metrics, by)
     out = mean.copy()
     for m in metrics:
         out[m] = [
@@ -108,9 +136,215 @@ def to_rich(frame: pd.DataFrame, title: str) -> Table:
     return table
 
 
+# ------------------------------------------------------------------------------ plots
+def job_labels(root: Path, jobs: list[Path]) -> dict[Path, str]:
+    """Each job's name in legends and tables: its directory and the overrides that differ between
+    the jobs (``0: loss=ce seed=1``); all its overrides when it is the only job."""
+    overrides = {job: job_overrides(job) for job in jobs}
+    keys = list(dict.fromkeys(k for o in overrides.values() for k in o))
+    varying = [k for k in keys if len({o.get(k) for o in overrides.values()}) > 1] if len(jobs) > 1 else keys
+    labels = {}
+    for job, chosen in overrides.items():
+        name = root.name if job == root else str(job.relative_to(root))
+        shown = " ".join(f"{k}={chosen[k]}" for k in varying if k in chosen)
+        labels[job] = f"{name}: {shown}" if shown else name
+    return labels
+
+
+def class_names_of(job: Path) -> list[str] | None:
+    path = job / "test" / "classes.json"
+    if not path.is_file():
+        return None
+    return list(json.loads(path.read_text()).get("class_names") or []) or None
+
+
+def read_predictions(job: Path) -> pd.DataFrame | None:
+    path = job / "test" / "predictions.csv"
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path)
+    missing = {"target", "score", "predicted"} - set(frame.columns)
+    if missing:
+        raise SystemExit(f"{path}: columns {sorted(missing)} missing (found {list(frame.columns)})")
+    return frame
+
+
+def read_job_detections(job: Path) -> list[dict] | None:
+    path = job / "test" / "detections.jsonl"
+    if not path.is_file():
+        return None
+    try:
+        return figures.read_detections(path)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
+
+
+def read_history(job: Path) -> dict[str, pd.DataFrame]:
+    frames = [pd.read_csv(csv) for csv in sorted(job.glob("csv/version_*/metrics.csv"))]
+    return figures.training_history(pd.concat(frames, ignore_index=True)) if frames else {}
+
+
+def job_plots(job: Path, title: str = "") -> dict[str, Path]:
+    """Draw the job's own figures into ``<job>/plots/`` (see the module docstring); returns
+    ``{kind: png path}`` for those it could draw from the files present."""
+    out: dict[str, Path] = {}
+    directory = job / PLOTS_DIR
+    figure = figures.training_curves_figure(read_history(job), title)
+    if figure is not None:
+        out["training_curves"] = figures.save_figure(figure, directory / "training_curves.png")
+    names = class_names_of(job)
+    predictions = read_predictions(job)
+    if predictions is not None and len(predictions):
+        curve = figures.predictions_roc(predictions, "test")
+        if curve is not None:
+            out["roc"] = figures.save_figure(
+                figures.roc_figure([curve], "ROC (image level, test)"), directory / "roc.png"
+            )
+        counts = figures.classification_confusion(predictions, len(names) if names else None)
+        labels = names if names and len(names) == len(counts) else [str(i) for i in range(len(counts))]
+        out["confusion_matrix"] = figures.save_figure(
+            figures.confusion_figure(counts, labels, "confusion matrix (test, image level)"),
+            directory / "confusion_matrix.png",
+        )
+    records = read_job_detections(job)
+    if records is not None:
+        if names is None:
+            found = sorted(
+                {int(v) for r in records for v in (*r["gt"]["labels"], *r["detections"]["labels"])}
+            )
+            names = [str(i) for i in range(1, max(found, default=0) + 1)]
+        curves = figures.detection_pr_curves(records, names)
+        if curves:
+            out["pr_curves"] = figures.save_figure(
+                figures.pr_figure(curves, "precision-recall per class (test, IoU 0.5)"),
+                directory / "pr_curves.png",
+            )
+    confusion_csv = job / "test" / "confusion_matrix.csv"
+    if confusion_csv.is_file():
+        counts, labels = figures.read_confusion_csv(confusion_csv)
+        out["confusion_matrix"] = figures.save_figure(
+            figures.confusion_figure(counts, labels, "confusion matrix (test, IoU 0.5)"),
+            directory / "confusion_matrix.png",
+        )
+    return out
+
+
+def bar_metrics(metrics: list[str]) -> list[str]:
+    """The metrics drawn as bars: the headline ones (no per-class ``test/ap_50/<class>``) first."""
+    headline = [m for m in metrics if str(m).count("/") <= 1]
+    return (headline or metrics)[:MAX_BAR_METRICS]
+
+
+def comparison_plots(
+    root: Path, frame: pd.DataFrame, metrics: list[str], by: list[str] | None, per_job: bool
+) -> dict[str, Path]:
+    """Figures comparing the jobs below ``root``, in ``root/plots/`` (see the module docstring)."""
+    out: dict[str, Path] = {}
+    directory = root / PLOTS_DIR
+    ok = frame[frame["status"] == "ok"]
+    drawn = bar_metrics([m for m in metrics if m in ok.columns and ok[m].notna().any()])
+    if drawn and len(ok):
+        if per_job:
+            mean = ok[drawn].reset_index(drop=True)
+            std = mean * float("nan")
+            counts = [1] * len(mean)
+            labels = list(ok["job"])
+        else:
+            mean, std, count = aggregate_numbers(frame, drawn, by)
+            counts = list(count)
+            keys = mean.index.to_frame(index=False)
+            varying = [c for c in keys.columns if keys[c].nunique(dropna=False) > 1]
+            labels = [" ".join(f"{c}={row[c]}" for c in varying) or "all" for _, row in keys.iterrows()]
+        figure = figures.metric_bars_figure(
+            mean, std, counts, labels, f"{root.name}: mean ± std over replicates"
+        )
+        out["metrics"] = figures.save_figure(figure, directory / "metrics.png")
+    jobs = [root / j if j != "." else root for j in ok["job"]]
+    labels = job_labels(root, jobs)
+    rocs, prs = [], []
+    for job in jobs:
+        label = labels[job]
+        predictions = read_predictions(job)
+        if predictions is not None and len(predictions):
+            curve = figures.predictions_roc(predictions, label)
+            if curve is not None:
+                rocs.append(curve)
+        records = read_job_detections(job)
+        if records is not None:
+            curve = figures.detection_pr_curve(records, label=label)
+            if curve is not None:
+                prs.append(curve)
+    if rocs:
+        out["roc"] = figures.save_figure(
+            figures.roc_figure(rocs, "ROC per job (image level, test)"), directory / "roc.png"
+        )
+    if prs:
+        out["pr"] = figures.save_figure(
+            figures.pr_figure(prs, "precision-recall per job (all classes, IoU 0.5)"), directory / "pr.png"
+        )
+    return out
+
+
+PLOT_TITLES = {
+    "metrics": "metrics per configuration",
+    "roc": "ROC",
+    "pr": "precision-recall",
+    "pr_curves": "precision-recall per class",
+    "confusion_matrix": "confusion matrix",
+    "training_curves": "training curves",
+}
+
+
+def plots_markdown(root: Path, compared: dict[str, Path], per_job_plots: dict[Path, dict[str, Path]]) -> str:
+    """The plots section of ``report.md``: images embedded for one job and for the comparison,
+    a table of links for the jobs of a multirun. Paths are relative to ``root``."""
+
+    def rel(path: Path) -> str:
+        return Path(os.path.relpath(path, root)).as_posix()
+
+    lines = ["", "## Plots", ""]
+    for kind, path in compared.items():
+        lines += [f"![{PLOT_TITLES.get(kind, kind)}]({rel(path)})", ""]
+    if len(per_job_plots) == 1 and not compared:
+        for kind, path in next(iter(per_job_plots.values())).items():
+            lines += [f"![{PLOT_TITLES.get(kind, kind)}]({rel(path)})", ""]
+    elif per_job_plots:
+        kinds = [k for k in PLOT_TITLES if any(k in p for p in per_job_plots.values())]
+        lines += ["### Per job", "", "| job | " + " | ".join(PLOT_TITLES[k] for k in kinds) + " |"]
+        lines.append("|---|" + "---|" * len(kinds))
+        labels = job_labels(root, list(per_job_plots))
+        for job, paths in per_job_plots.items():
+            cells = [f"[png]({rel(paths[k])})" if k in paths else "" for k in kinds]
+            lines.append(f"| {labels[job]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) if len(lines) > 3 else ""
+
+
+def make_plots(
+    root: Path, frame: pd.DataFrame, metrics: list[str], by: list[str] | None, per_job: bool
+) -> tuple[dict[str, Path], dict[Path, dict[str, Path]]]:
+    """Every job's figures, then the comparison figures when there are several jobs."""
+    jobs = [root / j if j != "." else root for j in frame.loc[frame["status"] == "ok", "job"]]
+    per_job_plots = {}
+    labels = job_labels(root, jobs)
+    for job in jobs:
+        drawn = job_plots(job, labels[job])
+        if drawn:
+            per_job_plots[job] = drawn
+    compared = comparison_plots(root, frame, metrics, by, per_job) if len(jobs) > 1 else {}
+    return compared, per_job_plots
+
+
 def report(
-    root: Path, metrics: list[str] | None = None, by: list[str] | None = None, per_job: bool = False
+    root: Path,
+    metrics: list[str] | None = None,
+    by: list[str] | None = None,
+    per_job: bool = False,
+    plots: bool = True,
+    console: bool = True,
 ) -> pd.DataFrame:
+    """Write ``report.md`` / ``report.csv`` (and with ``plots`` the figures) for ``root``; print the
+    table when ``console``; return it."""
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"{root} is not a directory (give a run or multirun directory under logs/)")
@@ -127,9 +361,13 @@ def report(
     else:
         table = aggregate(frame, chosen, by)
     table.to_csv(root / "report.csv", index=False)
-    (root / "report.md").write_text(table.to_markdown(index=False) + "\n")
-    title = f"{root} — {len(frame)} jobs" + (f", {failed} failed" if failed else "")
-    Console(width=max(120, 14 * len(table.columns))).print(to_rich(table, title))
+    markdown = table.to_markdown(index=False) + "\n"
+    if plots:
+        markdown += plots_markdown(root, *make_plots(root, frame, chosen, by, per_job))
+    (root / "report.md").write_text(markdown)
+    if console:
+        title = f"{root} — {len(frame)} jobs" + (f", {failed} failed" if failed else "")
+        Console(width=max(120, 14 * len(table.columns))).print(to_rich(table, title))
     return table
 
 
@@ -143,8 +381,9 @@ def main(argv: list[str] | None = None) -> None:
         "--by", nargs="+", help="override keys that define a configuration (default: all but seed/fold)"
     )
     parser.add_argument("--no-aggregate", dest="per_job", action="store_true", help="one row per job")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="write the table only")
     args = parser.parse_args(argv)
-    report(args.dir, args.metrics, args.by, args.per_job)
+    report(args.dir, args.metrics, args.by, args.per_job, args.plots)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,204 @@
+"""Grad-CAM explanations: the map follows the evidence, has the input's size, and the command
+rebuilds classifiers and detectors from their checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import hydra
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from elinspect.data.info import DatasetInfo
+from elinspect.eval import CheckpointError
+from elinspect.explain import (
+    Explainer,
+    ExplainError,
+    cam_at,
+    detection_rows,
+    explain_classifier,
+    explain_detector,
+    load_module,
+    roi_head_outputs,
+    run,
+    tap,
+)
+from elinspect.utils.build import build_loss, effective_loss_config, model_config, stored_config
+from tests.conftest import FAST_DETECTOR_OVERRIDES, REPO
+
+
+class BrightSpot(nn.Module):
+    """Class 1 logit = mean response of a centre-pixel filter (bright pixels); class 0 = its negative."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[0, 0, 1, 1] = 1.0  # channel 0: brightness
+            self.conv.weight[1, 0] = 0.01  # channel 1: unused by the head
+        self.head = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_grad_cam_lights_up_where_the_class_evidence_lies() -> None:
+    model = BrightSpot().eval()
+    image = torch.zeros(1, 1, 32, 32)
+    image[0, 0, 4:10, 20:26] = 1.0
+    cams, classes, logits = explain_classifier(model, model.conv, image, target_class=1, size=(64, 64))
+    cam = cams[0]
+    assert cam.shape == (64, 64) and torch.isfinite(cam).all()
+    peak = divmod(int(cam.argmax()), 64)
+    assert 8 <= peak[0] < 20 and 40 <= peak[1] < 52  # inside the bright square (input coordinates x2)
+    assert float(cam[40:, :30].max()) == 0.0  # nothing far from it
+    assert int(classes[0]) == 1 and logits.shape == (1, 2)
+    # the other class counts the square against itself: ReLU leaves no positive evidence
+    against, _, _ = explain_classifier(model, model.conv, image, target_class=0)
+    assert float(against.max()) == 0.0
+    with pytest.raises(ExplainError, match="target_class 5 outside 0..1"):
+        explain_classifier(model, model.conv, image, target_class=5)
+
+
+def save_module(make_cfg, overrides: list[str], info: DatasetInfo, path: Path) -> L.LightningModule:
+    """A random-init module of the composed config, saved as a Lightning checkpoint (with the
+    stored config and dataset info, as a training run writes it)."""
+    cfg = make_cfg("train.yaml", overrides)
+    torch.manual_seed(0)
+    module = hydra.utils.instantiate(
+        model_config(cfg),
+        dataset=info.to_dict(),
+        loss=build_loss(effective_loss_config(cfg), info),
+        _convert_="all",
+    )
+    module.run_config = stored_config(cfg)
+    trainer = L.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    return module
+
+
+def write_image(path: Path, height: int, width: int, colour: bool) -> Path:
+    rng = np.random.default_rng(1)
+    pixels = (rng.random((height, width, 3) if colour else (height, width)) * 255).astype(np.uint8)
+    pixels[height // 4 : height // 2, width // 4 : width // 2] = 255
+    cv2.imwrite(str(path), pixels)
+    return path
+
+
+def explain_cfg(make_cfg, overrides: list[str]):
+    return make_cfg("explain.yaml", ["device=cpu", *overrides], fast=False)
+
+
+def test_explain_a_classifier_checkpoint(make_cfg, tmp_path: Path) -> None:
+    info = DatasetInfo("classification", ("normal", "defective"), 3, (5, 5))
+    ckpt = tmp_path / "classifier.ckpt"
+    save_module(make_cfg, ["model=classifier", "data=elpv", "data.image_size=64"], info, ckpt)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    write_image(inputs / "cell_a.png", 90, 70, colour=False)
+    write_image(inputs / "cell_b.jpg", 50, 120, colour=True)
+    out = tmp_path / "explained"
+    cfg = explain_cfg(
+        make_cfg, [f"ckpt_path={ckpt}", f"input={inputs}", f"output={out}", "target_class=defective"]
+    )
+    summaries = run(cfg)
+    assert [s["class"] for s in summaries] == ["defective", "defective"]
+    for stem, shape in (("cell_a", (90, 70)), ("cell_b", (50, 120))):
+        cam = np.load(out / f"{stem}_gradcam.npy")
+        assert cam.shape == shape and cam.dtype == np.float32
+        assert np.isfinite(cam).all() and cam.std() > 0  # gradients reached layer4 (2×2 at 64 px)
+        picture = cv2.imread(str(out / f"{stem}_gradcam.png"))
+        assert picture.shape == (*shape, 3)
+    lines = (out / "explanations.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["layer"] == "net.net.layer4"
+
+    module = load_module(ckpt)
+    with pytest.raises(
+        ExplainError, match=r"target_class 'crack' is not a class of the model: \['normal', 'defective'\]"
+    ):
+        Explainer(module, target_class="crack")
+    with pytest.raises(ExplainError, match="layer 'net.nope' not found"):
+        Explainer(module, layer="net.nope")
+    with pytest.raises(CheckpointError, match="missing.ckpt does not exist"):
+        load_module(tmp_path / "missing.ckpt")
+
+
+def test_explain_a_detector_checkpoint(make_cfg, tmp_path: Path) -> None:
+    info = DatasetInfo("detection", ("crack", "finger"), 3, (3, 4))
+    ckpt = tmp_path / "detector.ckpt"
+    module = save_module(
+        make_cfg,
+        [
+            "model=faster_rcnn",
+            "data=pvel",
+            "model.detector.neck.out_channels=32",  # a small box head: a small checkpoint
+            *FAST_DETECTOR_OVERRIDES,
+            "data.image_size=48",  # the detector sees 48 px (its own resize does nothing more)
+            "model.detector.min_size=48",
+            "model.detector.max_size=48",
+        ],
+        info,
+        ckpt,
+    )
+    # each explained detection is traced to the proposal row whose class probability it reports
+    image = torch.rand(3, 48, 48)
+    rcnn = module.model.eval()
+    with roi_head_outputs(rcnn) as heads, torch.no_grad():
+        detections = rcnn([image])[0]
+    rows = detection_rows(rcnn, heads)
+    assert rows is not None and len(rows) == len(detections["scores"]) > 0
+    probabilities = heads["class_logits"][rows].softmax(dim=1)[torch.arange(len(rows)), detections["labels"]]
+    torch.testing.assert_close(probabilities, detections["scores"])
+
+    with tap(rcnn.backbone) as store:
+        result = explain_detector(rcnn, rcnn.backbone, image, detections=2, score_threshold=0.0)
+    assert result.target == "logit" and len(result.explained) == 2
+    torch.testing.assert_close(result.values, heads["class_logits"][rows[:2], detections["labels"][:2]])
+    assert result.cam.shape == (48, 48) and torch.isfinite(result.cam).all() and float(result.cam.std()) > 0
+    # RoIAlign pools the boxes from P2..P5: the RPN-only "pool" level gets no gradient (proposals are detached)
+    assert store["output"]["pool"].grad is None and store["output"]["0"].grad is not None
+    assert float(cam_at(store, (48, 48), level="pool").abs().max()) == 0.0
+
+    source = write_image(tmp_path / "module.png", 80, 100, colour=True)
+    out = tmp_path / "explained"
+    summary = run(
+        explain_cfg(make_cfg, [f"ckpt_path={ckpt}", f"input={source}", f"output={out}", "score_threshold=0"])
+    )[0]
+    assert summary["layer"] == "model.backbone" and summary["target"].startswith("sum of the logits of")
+    assert 1 <= len(summary["detections"]) <= 3
+    for detection in summary["detections"]:
+        x1, y1, x2, y2 = detection["box"]
+        assert 0 <= x1 <= x2 <= 100 and 0 <= y1 <= y2 <= 80  # in the input file's coordinates
+    cam = np.load(out / "module_gradcam.npy")
+    assert cam.shape == (80, 100) and np.isfinite(cam).all() and cam.std() > 0
+    assert cv2.imread(str(out / "module_gradcam.png")).shape == (80, 100, 3)
+
+
+@pytest.mark.slow
+def test_explain_command_line(make_cfg, tmp_path: Path) -> None:
+    info = DatasetInfo("classification", ("normal", "defective"), 3, (5, 5))
+    ckpt = tmp_path / "classifier.ckpt"
+    save_module(make_cfg, ["model=classifier", "data=elpv", "data.image_size=64"], info, ckpt)
+    source = write_image(tmp_path / "cell.png", 90, 70, colour=False)
+    out = tmp_path / "explained"
+    command = [
+        sys.executable, "-m", "elinspect.explain", f"ckpt_path={ckpt}", f"input={source}", f"output={out}",
+        "target_class=1", "extras.print_config=false", f"hydra.run.dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert np.load(out / "cell_gradcam.npy").shape == (90, 70)
+    assert json.loads((out / "explanations.jsonl").read_text())["class"] == "defective"
