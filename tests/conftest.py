@@ -41,6 +41,7 @@ FAST_DATA_OVERRIDES: dict[str, list[str]] = {
 }
 
 os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_DATA_DIR", str(REPO / ".pytest_cache" / "wandb-data"))
 os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("WANDB_API_KEY", None)
 os.environ["TORCH_HOME"] = str(REPO / ".pytest_cache" / "torch-home-empty")
@@ -270,5 +271,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
