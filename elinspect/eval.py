@@ -31,6 +31,7 @@ from elinspect.utils.build import (
     build_trainer,
     save_resolved_config,
 )
+from elinspect.utils.outputs import ensure_writable_dir
 from elinspect.utils.rich_utils import metrics_table
 from elinspect.utils.task import extras, task_wrapper
 
@@ -88,10 +89,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         apply_stored_config(cfg, meta["config"], overrides)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+    ensure_writable_dir(cfg.paths.output_dir)
     save_resolved_config(cfg, cfg.paths.output_dir)
     datamodule, model = build_datamodule_and_model(cfg)
     trainer = build_trainer(cfg)
-    trainer.test(model=model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.test(model=model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     Console().print(
         metrics_table(

@@ -126,14 +126,14 @@ class AluminumDataModule(DetectionDataModule):
         return records, list(hp.classes)
 
     def _record(self, image: Path, base: Path, tally: ErrorTally) -> DetectionRecord | None:
-        json_path = image.with_suffix(".json")
-        if json_path.is_file():
-            return read_labelme(json_path, image, base, self.labels, tally)
-        try:
+        try:  # every image's header: an empty, non-image or bomb file is caught at setup
             width, height = image_size(image)
         except DatasetError as error:
             tally.report(error, reason=UNREADABLE_IMAGE)
             return None
+        json_path = image.with_suffix(".json")
+        if json_path.is_file():
+            return read_labelme(json_path, image, base, self.labels, tally, header_size=(width, height))
         return DetectionRecord(image, width=width, height=height)
 
     @property

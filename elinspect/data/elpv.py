@@ -5,6 +5,34 @@ The dataset (Buerhop-Lutz et al. 2018; Deitsch et al. 2019) has 2624 cells of 30
 and a module type (mono / poly). It ships as ``labels.csv`` (whitespace separated:
 ``images/cellNNNN.png  probability  type``) beside ``images/``; the ``elpv-dataset``
 package on PyPI carries exactly that directory, which is the default root here.
+
+Bad input in a directory given as ``data.root`` and what happens (``data.on_error``:
+``raise`` stops with a :class:`~elinspect.data.errors.DatasetError` naming the file — and
+the line of ``labels.csv`` — ``skip`` drops the row, logs it and counts it under the
+reason shown, in the summary logged at setup and kept in ``ElpvDataModule.tally``):
+
+==================================  ===================================  =================================
+input                               raise                                skip (tally reason)
+==================================  ===================================  =================================
+no labels.csv                       error explaining the layout          the same error
+a row without 3 fields, or a        error naming labels.csv:<line>       row dropped ("malformed row")
+probability that is no number
+probability not in {0, ⅓, ⅔, 1}      error naming labels.csv:<line>       row dropped ("bad probability")
+type not mono / poly (the class)    error naming labels.csv:<line>       row dropped ("bad type")
+path leaving the root               error naming labels.csv:<line>       row dropped ("outside root")
+(``../../x.png``, absolute, NUL)
+the same image on two rows          error naming labels.csv:<line>       later row dropped ("duplicate row")
+image missing                       error naming the image and line      row dropped ("missing image")
+image empty, not an image, or a     error naming the image, at setup     row dropped ("unreadable image")
+decompression bomb (header)
+image truncated / corrupt past      error naming the image when loaded   same (a batch cannot drop an item)
+its header
+16-bit image / alpha channel        read: scaled to 8 bits / alpha dropped, then grey
+no usable row left                  error naming labels.csv              the same error
+==================================  ===================================  =================================
+
+Headers are checked for a directory given as ``data.root``; the package's own 2624 cells
+(known good) are not re-checked at every setup.
 """
 
 from __future__ import annotations
@@ -22,6 +50,7 @@ from elinspect.data.base import SplitDataModule
 from elinspect.data.errors import DatasetError, ErrorTally, OnError
 from elinspect.data.images import read_image, to_tensor_layout
 from elinspect.data.info import DatasetInfo
+from elinspect.data.readers.boxes import image_size, path_inside
 from elinspect.data.splits import stratified_fold_ids, stratified_holdout
 from elinspect.data.transforms import apply_seeded, image_augmentation, resize, sample_seed
 
@@ -50,8 +79,18 @@ class ElpvTable:
         return len(self.paths)
 
 
-def read_labels(root: str | Path, on_error: OnError = "raise") -> ElpvTable:
-    """Parse ``root/labels.csv``; every row must name an existing image inside ``root``."""
+def read_labels(
+    root: str | Path,
+    on_error: OnError = "raise",
+    check_images: bool = True,
+    tally: ErrorTally | None = None,
+) -> ElpvTable:
+    """Parse ``root/labels.csv``; every row must name an existing image inside ``root``.
+
+    ``check_images`` reads every image's header (an empty, non-image or oversized file is
+    then reported here rather than when it is loaded). Skipped rows are counted in
+    ``tally`` (a new one with ``on_error`` when not given); see the module docstring.
+    """
     root = Path(root).expanduser().resolve()
     labels = root / "labels.csv"
     if not labels.is_file():
@@ -60,23 +99,29 @@ def read_labels(root: str | Path, on_error: OnError = "raise") -> ElpvTable:
             "not found. An ELPV directory holds labels.csv (lines 'images/cell0001.png  1.0  mono') "
             "and images/; leave data.root null to use the elpv-dataset package.",
         )
-    tally = ErrorTally(on_error)
+    try:
+        text = labels.read_text(encoding="utf-8", errors="replace")
+    except OSError as error:
+        raise DatasetError(labels, f"cannot be read ({error})") from error
+    tally = tally if tally is not None else ErrorTally(on_error)
     paths, probs, types = [], [], []
-    for lineno, line in enumerate(labels.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    rows: dict[Path, int] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{labels}:{lineno}"
         fields = line.split()
         if len(fields) != 3:
             tally.report(
-                DatasetError(where, f"expected 'path probability type', got {line!r}"), "malformed row"
+                DatasetError(where, f"expected 'path probability type', got {line!r:.200}"), "malformed row"
             )
             continue
         rel, prob_text, module_type = fields
         try:
             prob = float(prob_text)
         except ValueError:
-            tally.report(DatasetError(where, f"probability {prob_text!r} is not a number"), "malformed row")
+            problem = f"probability {prob_text!r:.50} is not a number"
+            tally.report(DatasetError(where, problem), "malformed row")
             continue
         if not any(abs(prob - level) < 1e-3 for level in PROBABILITY_LEVELS):
             tally.report(
@@ -84,17 +129,28 @@ def read_labels(root: str | Path, on_error: OnError = "raise") -> ElpvTable:
             )
             continue
         if module_type not in MODULE_TYPES:
-            tally.report(DatasetError(where, f"module type {module_type!r} is not mono or poly"), "bad type")
+            problem = f"module type {module_type!r:.50} is not mono or poly"
+            tally.report(DatasetError(where, problem), "bad type")
             continue
-        path = (root / rel).resolve()
-        if not path.is_relative_to(root):
-            tally.report(
-                DatasetError(where, f"image path {rel!r} lies outside the dataset root"), "outside root"
-            )
+        try:
+            path = path_inside(root, rel)
+        except DatasetError as error:
+            tally.report(DatasetError(where, f"image {error.problem}"), "outside root")
+            continue
+        if path in rows:
+            problem = f"image {rel!r} is already listed on line {rows[path]}"
+            tally.report(DatasetError(where, problem), "duplicate row")
             continue
         if not path.is_file():
             tally.report(DatasetError(path, f"image listed in {where} does not exist"), "missing image")
             continue
+        if check_images:
+            try:
+                image_size(path)
+            except DatasetError as error:
+                tally.report(error, "unreadable image")
+                continue
+        rows[path] = lineno
         paths.append(path)
         probs.append(prob)
         types.append(module_type)
@@ -221,13 +277,18 @@ class ElpvDataModule(SplitDataModule):
         self.table: ElpvTable | None = None
         self.split_rows: dict[str, np.ndarray] = {}
         self.targets: np.ndarray | None = None
+        self.tally: ErrorTally | None = None
 
     # ----------------------------------------------------------------------------- splits
     def setup(self, stage: str | None = None) -> None:
         if self.split_rows:
             return
         hp = self.hparams
-        self.table = read_labels(hp.root or package_root(), hp.on_error)
+        tally = ErrorTally(hp.on_error)
+        self.table = read_labels(
+            hp.root or package_root(), hp.on_error, check_images=hp.root is not None, tally=tally
+        )
+        self.tally = tally
         self.targets = make_targets(self.table.probability, hp.target, hp.threshold, hp.threshold_rule)
         keep = np.ones(len(self.table), dtype=bool)
         if hp.module_type != "all":

@@ -45,6 +45,27 @@ empty, non-image or unreadable file is reported then, naming it, and mask sizes 
 compared with image sizes. A file that is corrupt past its header still fails when
 loaded, with an error naming it.
 
+**Bad input** and what happens (``data.on_error``: ``raise`` stops with a
+:class:`~elinspect.data.errors.DatasetError` naming the file; ``skip`` drops the image,
+logs it and counts it under the reason shown, in the summary logged at setup and kept in
+``FolderDataModule.tally``). There is no annotation file, so no path can name a file
+outside the root (symbolic links inside it are followed), and no class can be unknown.
+
+==================================  ===================================  =====================================
+input                               raise                                skip (tally reason)
+==================================  ===================================  =====================================
+image empty, not an image, or a     error naming the image, at setup     image dropped ("unreadable image")
+decompression bomb (header)
+image truncated / corrupt past      error naming the image when loaded   same (a batch cannot drop an item)
+its header
+16-bit image / alpha channel        read: scaled to 8 bits / alpha dropped
+defect image without a mask, an     error naming the image               image dropped ("missing, ambiguous or
+ambiguous or unreadable mask                                             unreadable mask")
+mask size differs from the image    error naming the mask                image dropped ("mask size differs
+                                                                         from image")
+no readable normal image            error naming normal_dir              the same error
+==================================  ===================================  =====================================
+
 Batches are dicts: ``image`` (N×C×H×W float in [0, 1]), ``label`` (int64, 1 = defective),
 ``mask`` (N×1×H×W uint8 in {0, 1}; only with ``mask_dir``), ``index`` (position in
 :attr:`FolderDataModule.samples`) and ``path`` (the image file, as a string).
@@ -184,8 +205,10 @@ def collect_samples(
     normal_test_dir: str | None = None,
     mask_suffixes: Sequence[str] = ("", "_mask"),
     on_error: OnError = "raise",
+    tally: ErrorTally | None = None,
 ) -> list[FolderSample]:
-    """List, check and label every image below ``root`` (see the module docstring)."""
+    """List, check and label every image below ``root`` (see the module docstring); skipped
+    images are counted in ``tally`` (a new one with ``on_error`` when not given)."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DatasetError(root, "dataset root does not exist or is not a directory (data.root)")
@@ -215,7 +238,7 @@ def collect_samples(
     if mask_path is None and any((root / name).is_dir() for name in ("masks", "ground_truth")):
         log.warning("%s has a masks/ or ground_truth/ directory: set data.mask_dir to use it", root)
 
-    tally = ErrorTally(on_error)
+    tally = tally if tally is not None else ErrorTally(on_error)
     masks = MaskIndex(mask_path, mask_suffixes) if mask_path is not None else None
     samples = []
     for path, source in listed.items():
@@ -419,11 +442,13 @@ class FolderDataModule(SplitDataModule):
             raise ValueError(f"data.mask_threshold must be null or lie in [0, 1), got {mask_threshold}")
         self.samples: list[FolderSample] = []
         self.split_indices: dict[str, np.ndarray] = {}
+        self.tally: ErrorTally | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.split_indices:
             return
         hp = self.hparams
+        tally = ErrorTally(hp.on_error)
         self.samples = collect_samples(
             hp.root,
             hp.normal_dir,
@@ -432,7 +457,9 @@ class FolderDataModule(SplitDataModule):
             hp.normal_test_dir,
             hp.mask_suffixes,
             hp.on_error,
+            tally,
         )
+        self.tally = tally
         self.split_indices = split_samples(
             self.samples,
             hp.val_fraction,

@@ -1,29 +1,136 @@
 """Reading images from disk into uint8 arrays, with errors that name the file.
 
-OpenCV decodes; anything it cannot decode (a zero-byte or truncated file, a text file
-named ``.jpg``) is a :class:`~elinspect.data.errors.DatasetError`. 16-bit images are
-scaled to 8 bits (the high byte), an alpha channel is dropped, colour is kept or turned
-into grey as asked.
+Every image goes through the same checks, in this order, each failing with a
+:class:`~elinspect.data.errors.DatasetError` that names the file and the problem:
+
+1. the file exists and is not empty;
+2. its **header** is readable (Pillow, which parses headers without decoding pixels):
+   a text file named ``.jpg`` fails here;
+3. the declared ``width × height`` is at most ``max_pixels`` (default: Pillow's
+   ``PIL.Image.MAX_IMAGE_PIXELS``, about 89.5 M pixels; set that to allow bigger images).
+   A decompression bomb — a small file declaring a huge image — is thus refused **before
+   any pixel is decoded**. (OpenCV has its own limit too, the ``CV_IO_MAX_IMAGE_PIXELS``
+   environment variable, 2³⁰ by default.)
+4. a JPEG must reach its end-of-image marker: OpenCV fills a truncated JPEG with grey
+   and says nothing, so the marker structure is walked first (:func:`jpeg_is_complete`);
+5. OpenCV decodes; anything it cannot decode (a truncated PNG, garbage after a valid
+   header) fails.
+
+Then 16-bit images are scaled to 8 bits (the high byte: full scale maps to full scale),
+an alpha channel is dropped, and colour is kept (RGB) or turned into grey as asked.
+
+Checks 1–3 are cheap (:func:`read_header`), so readers run them on every image at setup,
+where ``data.on_error=skip`` can still drop a bad image; checks 4–5 need the pixels and
+happen when an item is loaded, where a bad file always stops the run with its name.
 """
 
 from __future__ import annotations
 
+import io
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from elinspect.data.errors import DatasetError
 
+_JPEG_SOI = b"\xff\xd8"
+# markers that stand alone (no length field): TEM, RST0..7, SOI, EOI
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8), 0xD8, 0xD9})
 
-def read_image(path: str | Path, grey: bool = True) -> np.ndarray:
-    """Read ``path`` as ``H×W`` (``grey``) or ``H×W×3`` RGB uint8."""
+
+def max_image_pixels() -> int | None:
+    """The default pixel limit: Pillow's ``MAX_IMAGE_PIXELS`` (``None``: no limit)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else int(limit)
+
+
+def read_header(path: str | Path, max_pixels: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` from the image header, without decoding the pixels.
+
+    Raises :class:`DatasetError` naming ``path`` ("cannot read the image header: …") when the
+    file is missing, empty or not an image Pillow can parse, and when it declares more than
+    ``max_pixels`` pixels (``None``: the default of :func:`max_image_pixels`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "cannot read the image header: the file does not exist")
+    if path.stat().st_size == 0:
+        raise DatasetError(path, "cannot read the image header: the file is empty (0 bytes)")
+    return _parse_header(path, path, max_pixels, "cannot read the image header")
+
+
+def _parse_header(
+    path: Path, source: Path | io.BytesIO, max_pixels: int | None, unreadable: str
+) -> tuple[int, int]:
+    """Pillow's ``(width, height)`` of ``source``; ``unreadable`` starts the message of a parse error."""
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as error:
+        raise DatasetError(path, f"refused as a decompression bomb before decoding: {error}") from error
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        detail = str(error).replace(repr(source), repr(str(path)))  # Pillow names the buffer
+        raise DatasetError(path, f"{unreadable} ({detail})") from error
+    if limit is not None and width * height > limit:
+        raise DatasetError(
+            path,
+            f"declares {width}×{height} = {width * height} pixels, more than the limit of {limit}: "
+            "refused as a decompression bomb before decoding (raise PIL.Image.MAX_IMAGE_PIXELS "
+            "if the image is genuine)",
+        )
+    return width, height
+
+
+def jpeg_is_complete(data: bytes) -> bool:
+    """Whether a JPEG stream reaches its end-of-image marker (``FFD9``) at the top level.
+
+    Segments are skipped by their length (so an EXIF thumbnail's own markers are not
+    mistaken for the image's), entropy-coded data is scanned for the next marker (``FF00``
+    stuffing, ``RSTn`` and fill bytes are not markers). Anything after the end marker,
+    such as a video appended by a phone camera, is ignored.
+    """
+    pos, end = 2, len(data)
+    while True:
+        i = data.find(b"\xff", pos)
+        if i < 0 or i + 1 >= end:
+            return False
+        marker = data[i + 1]
+        if marker == 0xD9:
+            return True
+        if marker in (0x00, 0xFF) or marker in _STANDALONE:
+            pos = i + 1 if marker == 0xFF else i + 2
+            continue
+        if i + 4 > end:
+            return False
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if length < 2:
+            return False
+        pos = i + 2 + length
+
+
+def read_image(path: str | Path, grey: bool = True, max_pixels: int | None = None) -> np.ndarray:
+    """Read ``path`` as ``H×W`` (``grey``) or ``H×W×3`` RGB uint8 (checks: module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(path, "image file does not exist")
-    if path.stat().st_size == 0:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DatasetError(path, f"cannot read the image file ({error})") from error
+    if not data:
         raise DatasetError(path, "image file is empty (0 bytes)")
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    _parse_header(
+        path, io.BytesIO(data), max_pixels, "cannot decode image (not an image: its header is unreadable)"
+    )
+    if data.startswith(_JPEG_SOI) and not jpeg_is_complete(data):
+        raise DatasetError(path, "truncated JPEG: the file ends before its end-of-image marker")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise DatasetError(path, "cannot decode image (corrupt, truncated, or not an image)")
     if image.dtype == np.uint16:

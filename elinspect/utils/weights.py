@@ -9,14 +9,23 @@ put the file — never a hang.
 Local files are read with ``torch.load(weights_only=True)``: a pickle that would run code
 is refused. A Lightning checkpoint (a dict with ``state_dict``) is accepted too; a
 ``prefix`` selects the sub-module's keys from it.
+
+Checkpoints are read the same way (:func:`read_checkpoint`), and a run resumed with
+``ckpt_path=…`` (or ``last``) has its file checked first (:func:`check_checkpoint`), so a
+checkpoint carrying a malicious pickle is refused with an error that names the file, at
+every entry: weights files, ``python -m elinspect.eval ckpt_path=…`` and resuming. The
+flag is always passed explicitly: ``torch.load``'s own default (``weights_only=None``) turns
+unsafe when the environment sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.error import URLError
 
 import torch
@@ -28,6 +37,78 @@ DOWNLOAD_TIMEOUT_S = 15.0
 
 class WeightsUnavailableError(RuntimeError):
     """Weights were asked for but cannot be had (no network, missing file, bad name)."""
+
+
+class UnsafeCheckpointError(WeightsUnavailableError):
+    """A weights or checkpoint file holds objects that ``weights_only=True`` refuses to unpickle."""
+
+
+def refusal_detail(err: BaseException) -> str:
+    """The line of a ``weights_only`` refusal that names the object refused."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines if "global" in line.lower()), lines[0] if lines else "")
+    return detail.replace("WeightsUnpickler error: ", "").rstrip(".")
+
+
+def safe_torch_load(path: Path, what: str, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, every failure named (``what``: "weights
+    file", "checkpoint") — an :class:`UnsafeCheckpointError` for a pickle of code or objects.
+
+    ``mmap`` maps the tensors' storage instead of reading it (a quick check of a big file; the
+    legacy non-zip format cannot be mapped and is read in full).
+    """
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not mmap or "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = refusal_detail(err)
+        raise UnsafeCheckpointError(
+            f"{what} {path} refused: it holds pickled Python objects that weights_only=True does not "
+            f"load, since unpickling them could run code ({detail}). Load only files you trust; a "
+            "checkpoint written by elinspect holds tensors and plain data only"
+        ) from err
+    except Exception as err:  # corrupt or truncated files fail in many ways
+        raise WeightsUnavailableError(
+            f"{what} {path} could not be loaded safely (weights_only=True): {type(err).__name__}: {err}"
+        ) from err
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A Lightning checkpoint read safely (``weights_only=True``); refused unless it is a dict
+    with a ``state_dict``. ``mmap``: see :func:`safe_torch_load`."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsUnavailableError(f"checkpoint {path} does not exist")
+    ckpt = safe_torch_load(path, "checkpoint", mmap=mmap)
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
+        raise WeightsUnavailableError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return dict(ckpt)
+
+
+def resolve_checkpoint(ckpt_path: str | Path | None, checkpoint_dir: str | Path) -> Path | None:
+    """The file ``ckpt_path`` names: ``last`` is the newest ``last*.ckpt`` in ``checkpoint_dir``
+    (as Lightning resolves it; ``None`` when there is none), ``None`` stays ``None``."""
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) != "last":
+        return Path(ckpt_path).expanduser()
+    candidates = sorted(Path(checkpoint_dir).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def check_checkpoint(ckpt_path: str | Path | None, checkpoint_dir: str | Path) -> None:
+    """Refuse to resume from an unsafe or unreadable checkpoint, before Lightning reads it.
+
+    Call with the run's ``ckpt_path`` and its checkpoint directory; ``None`` (no resume) and a
+    ``last`` without any ``last*.ckpt`` (Lightning then starts afresh) pass.
+    """
+    path = resolve_checkpoint(ckpt_path, checkpoint_dir)
+    if path is not None:
+        read_checkpoint(path, mmap=True)
 
 
 def resolve_torchvision_weights(name: str, builder: str | None = None):
@@ -62,12 +143,7 @@ def load_state_dict_file(path: str | Path, prefix: str = "") -> dict[str, torch.
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsUnavailableError(f"weights file {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors have many types
-        raise WeightsUnavailableError(
-            f"weights file {path} could not be loaded safely (weights_only=True): {err}"
-        ) from err
+    obj = safe_torch_load(path, "weights file")
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -84,7 +160,15 @@ def download_torchvision_state_dict(weights) -> dict[str, torch.Tensor]:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
+        # weights_only: torch.hub's default is False, and a file already in the cache is loaded
+        # without checking its hash, so a planted file would otherwise run code
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"cached weights for {weights} refused: they hold pickled objects that weights_only=True "
+            f"does not load ({refusal_detail(err)}). Delete the file in "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'} and download it again"
+        ) from err
     except (URLError, OSError, TimeoutError) as err:
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise WeightsUnavailableError(

@@ -12,14 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from elinspect.data.errors import DatasetError, ErrorTally
+from elinspect.data.images import read_header
 
 CLIPPED = "box clipped to image"
 NON_FINITE = "box with non-finite coordinates"
 NON_POSITIVE = "box with zero or negative area"
+DUPLICATE = "identical duplicate box dropped"
 OUTSIDE_ROOT = "path outside the dataset root"
+SIZE_MISMATCH = "declared image size differs from the image (the image's is used)"
 
 
 def sanitize_boxes(
@@ -43,7 +45,11 @@ def sanitize_boxes(
       ``height`` ``None`` that axis is not clipped;
     * a box whose width or height is zero or negative after clipping is **bad** ("zero or
       negative area"): this covers degenerate boxes, swapped corners and boxes wholly
-      outside the image.
+      outside the image;
+    * a box identical to an earlier one of the same image (same label, same coordinates
+      after clipping) is dropped and counted under ``"identical duplicate box dropped"``
+      (never fatal: annotation tools export double clicks); the kept box is ``difficult``
+      only if every copy was.
 
     A bad box goes to ``tally.report`` as a :class:`DatasetError` naming ``path`` and the
     box: under ``on_error="raise"`` the first one raises, under ``"skip"`` each is dropped
@@ -79,19 +85,39 @@ def sanitize_boxes(
             where = f" after clipping to the {width}×{height} image" if (clipped[i] != raw[i]).any() else ""
             problem, reason = f"box #{numbers[i]} [{coords}] has zero or negative area{where}", NON_POSITIVE
         tally.report(DatasetError(path, problem), reason=reason)
-    return out[good], labels[good], difficult[good]
+    return _drop_duplicates(out[good], labels[good], difficult[good], tally)
+
+
+def _drop_duplicates(
+    boxes: np.ndarray, labels: np.ndarray, difficult: np.ndarray, tally: ErrorTally
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first of each group of identical ``(label, box)`` rows; ``difficult`` only if all are."""
+    first: dict[tuple, int] = {}
+    keep, all_difficult = [], []
+    for i, (box, label, hard) in enumerate(
+        zip(boxes.tolist(), labels.tolist(), difficult.tolist(), strict=True)
+    ):
+        key = (label, *box)
+        if key in first:
+            all_difficult[first[key]] &= hard
+            continue
+        first[key] = len(keep)
+        keep.append(i)
+        all_difficult.append(hard)
+    if len(keep) == len(boxes):
+        return boxes, labels, difficult
+    tally.count(DUPLICATE, len(boxes) - len(keep))
+    return boxes[keep], labels[keep], np.asarray(all_difficult, dtype=bool)
 
 
 def image_size(image_path: str | Path) -> tuple[int, int]:
     """``(width, height)`` read from the image file's header, without decoding the pixels.
 
-    Raises :class:`DatasetError` naming the image when it is missing or not an image.
+    Raises :class:`DatasetError` naming the image when it is missing, empty, not an image,
+    or declares more pixels than the limit (a decompression bomb;
+    :func:`elinspect.data.images.read_header`).
     """
-    try:
-        with Image.open(image_path) as image:
-            return image.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise DatasetError(image_path, f"cannot read the image header ({error})") from error
+    return read_header(image_path)
 
 
 def path_inside(root: str | Path, relative: str) -> Path:

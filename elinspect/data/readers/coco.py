@@ -7,24 +7,58 @@ coordinates, ``iscrowd``) and ``categories`` (``id``, ``name``). Boxes become
 "do not penalise a miss"). Images without annotations are defect-free records.
 
 Errors: a file that cannot be read, is not JSON or lacks the ``images`` / ``annotations`` /
-``categories`` lists, or has malformed or duplicate categories, raises :class:`DatasetError`
-whatever ``on_error`` says (nothing of the dataset would be left to skip to). Problems with
-one image or one annotation go through ``tally.report`` and drop that item under skip.
+``categories`` lists, has malformed or duplicate categories, or lists an image id twice,
+raises :class:`DatasetError` whatever ``on_error`` says (nothing of the dataset would be
+left to skip to, or which boxes belong to which entry is ambiguous). Problems with one
+image or one annotation go through ``tally.report`` and drop that item under skip:
+
+====================================  =====================================  ==========================================
+input                                 raise                                  skip (tally reason)
+====================================  =====================================  ==========================================
+not JSON, not an object, missing      error naming the JSON                  the same error (fatal)
+lists, bad/duplicate categories,
+an image id listed twice
+the same file under two image ids     error naming the JSON and the file     later entry dropped ("duplicate image
+                                                                             entry"), its boxes with it
+image entry without id / file_name    error naming the JSON                  entry dropped ("malformed image entry")
+file_name leaving the image root      error naming the JSON                  image dropped ("path outside the dataset
+(``../../x.jpg``, absolute)                                                  root")
+file_name without a file              error naming the JSON and the path     image dropped ("missing image")
+image empty, not an image, or a       error naming the image, at setup       image dropped ("unreadable image")
+decompression bomb (header checked)
+image truncated / corrupt past its    error naming the image when loaded     same (a loaded batch cannot drop an item)
+header
+annotation: unknown image_id,         error naming the JSON and the          annotation dropped ("malformed
+undefined category_id, bad bbox       annotation number                      annotation")
+category outside data.classes         error naming the JSON and the class    its boxes dropped ("unknown category",
+                                                                             "box of unknown category")
+box partly outside the image          clipped, counted, never an error       "box clipped to image"
+NaN / infinite coordinates            error naming the JSON and the box      box dropped ("box with non-finite ...")
+zero or negative width/height,        error naming the JSON and the box      box dropped ("box with zero or negative
+wholly outside the image                                                     area")
+identical duplicate annotation        dropped, counted, never an error       "identical duplicate box dropped"
+width/height disagreeing with the     the image's size is used, counted      "declared image size differs ..."
+image
+====================================  =====================================  ==========================================
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from elinspect.data.errors import DatasetError, ErrorTally
-from elinspect.data.readers.boxes import OUTSIDE_ROOT, image_size, path_inside, sanitize_boxes
+from elinspect.data.readers.boxes import OUTSIDE_ROOT, SIZE_MISMATCH, image_size, path_inside, sanitize_boxes
 from elinspect.data.records import DetectionRecord
 
+log = logging.getLogger(__name__)
+
 MALFORMED_IMAGE = "malformed image entry"
+DUPLICATE_IMAGE = "duplicate image entry"
 MISSING_IMAGE = "missing image"
 UNREADABLE_IMAGE = "unreadable image"
 MALFORMED_ANNOTATION = "malformed annotation"
@@ -213,6 +247,8 @@ def _read_images(
     """``(image id → entry, ids of images dropped under skip)``."""
     entries: dict[int | str, _Image] = {}
     dropped: set[int | str] = set()
+    seen: set[int | str] = set()
+    files: dict[Path, int | str] = {}
     for number, image in enumerate(images):
         if not (
             isinstance(image, dict) and _is_id(image.get("id")) and isinstance(image.get("file_name"), str)
@@ -221,14 +257,21 @@ def _read_images(
             tally.report(DatasetError(path, problem), reason=MALFORMED_IMAGE)
             continue
         image_id = image["id"]
-        if image_id in entries or image_id in dropped:
-            tally.report(DatasetError(path, f"image id {image_id!r} appears twice"), reason=MALFORMED_IMAGE)
-            continue
+        if image_id in seen:
+            # fatal whatever on_error says: annotations name images by id, so which entry
+            # their boxes belong to is ambiguous
+            raise DatasetError(path, f"image id {image_id!r} appears twice in 'images'")
+        seen.add(image_id)
         entry = _image_entry(image, image_root, path, tally)
+        if entry is not None and entry.path in files:
+            problem = f"image {image_id!r}: {entry.path} is already image {files[entry.path]!r}"
+            tally.report(DatasetError(path, problem), reason=DUPLICATE_IMAGE)
+            entry = None
         if entry is None:
             dropped.add(image_id)
         else:
             entries[image_id] = entry
+            files[entry.path] = image_id
     return entries, dropped
 
 
@@ -242,13 +285,23 @@ def _image_entry(image: dict[str, Any], image_root: Path, path: Path, tally: Err
         problem = f"image {image['id']!r}: {image_path} does not exist"
         tally.report(DatasetError(path, problem), reason=MISSING_IMAGE)
         return None
-    width, height = image.get("width"), image.get("height")
-    if not (_is_positive_int(width) and _is_positive_int(height)):
-        try:
-            width, height = image_size(image_path)
-        except DatasetError as error:
-            tally.report(error, reason=UNREADABLE_IMAGE)
-            return None
+    try:  # every image's header, so that an empty, non-image or bomb file is caught here
+        width, height = image_size(image_path)
+    except DatasetError as error:
+        tally.report(error, reason=UNREADABLE_IMAGE)
+        return None
+    declared = image.get("width"), image.get("height")
+    if all(_is_positive_int(v) for v in declared) and declared != (width, height):
+        tally.count(SIZE_MISMATCH)
+        log.warning(
+            "%s: image %r declares %s×%s, but %s is %d×%d",
+            path,
+            image["id"],
+            *declared,
+            image_path,
+            width,
+            height,
+        )
     return _Image(image_path, width, height)
 
 

@@ -16,6 +16,35 @@ a missing ``<size>`` (read from the image header), and images without an XML (de
 
 XML is parsed with ``defusedxml``: entity declarations (billion laughs, external entities)
 are refused, never expanded.
+
+Bad input and what happens (``data.on_error``: ``raise`` stops with a
+:class:`~elinspect.data.errors.DatasetError` naming the file; ``skip`` drops the item,
+logs it and counts it under the reason shown, in the tally summary logged at setup):
+
+====================================  =====================================  ==========================================
+input                                 raise                                  skip (tally reason)
+====================================  =====================================  ==========================================
+unparsable XML, wrong root element,   error naming the XML                   image dropped ("unparsable annotation XML")
+entity declaration (XXE, billion
+laughs: refused by defusedxml)
+object without <name> / <bndbox>,     error naming the XML and the object    object dropped ("object without <name>",
+non-numeric coordinates                                                      "... <bndbox>", "... non-numeric ...")
+unknown class                         error naming the XML and the class     box dropped ("box of unknown class")
+box partly outside the image          clipped, counted, never an error       "box clipped to image"
+(negative coordinates too)
+box NaN / infinite                    error naming the XML and the box       box dropped ("box with non-finite ...")
+zero-area, swapped corners, wholly    error naming the XML and the box       box dropped ("box with zero or negative
+outside the image                                                            area")
+identical duplicate box               dropped, counted, never an error       "identical duplicate box dropped"
+id leaving the tree (``../../x``)     error naming the tree                  id dropped ("path outside the dataset root")
+id without an image                   error naming JPEGImages/               id dropped ("missing image")
+image empty, not an image, or a       error naming the image, at setup       id dropped ("unreadable image")
+decompression bomb (header checked)
+image truncated / corrupt past its    error naming the image when loaded     same (a loaded batch cannot drop an item)
+header
+16-bit image / alpha channel          read: scaled to 8 bits / alpha dropped
+<size> disagreeing with the image     the image's size is used, counted      "declared image size differs ..."
+====================================  =====================================  ==========================================
 """
 
 from __future__ import annotations
@@ -29,7 +58,13 @@ from xml.etree.ElementTree import Element, ParseError
 import defusedxml.ElementTree as SafeET
 
 from elinspect.data.errors import DatasetError, ErrorTally
-from elinspect.data.readers.boxes import OUTSIDE_ROOT, image_size, path_inside, sanitize_boxes
+from elinspect.data.readers.boxes import (
+    OUTSIDE_ROOT,
+    SIZE_MISMATCH,
+    image_size,
+    path_inside,
+    sanitize_boxes,
+)
 from elinspect.data.records import DetectionRecord
 
 log = logging.getLogger(__name__)
@@ -58,8 +93,13 @@ def parse_voc_xml(
     tally: ErrorTally,
     keep_difficult: bool = True,
     ignore_classes: Collection[str] = frozenset(),
+    header_size: tuple[int, int] | None = None,
 ) -> DetectionRecord | None:
     """Read one VOC annotation file into a record for ``image_path``.
+
+    ``header_size`` is the image's ``(width, height)`` when the caller has read its header
+    already; it then wins over ``<size>`` (a difference is counted). Without it, ``<size>``
+    is used, or the header is read when ``<size>`` is absent.
 
     ``class_index`` maps class names to labels (1-based). Objects whose class is in
     ``ignore_classes`` (known classes outside a configured subset) are dropped and counted.
@@ -78,7 +118,12 @@ def parse_voc_xml(
     if root is None:
         return None
     size = _declared_size(root)
-    if size is None:
+    if header_size is not None:
+        if size is not None and size != tuple(header_size):
+            tally.count(SIZE_MISMATCH)
+            log.warning("%s declares %d×%d, but %s is %d×%d", xml_path, *size, image_path, *header_size)
+        size = tuple(header_size)
+    elif size is None:
         try:
             size = image_size(image_path)
         except DatasetError as error:
@@ -230,13 +275,15 @@ def _read_voc_item(
     except DatasetError as error:
         tally.report(error, reason=MISSING_IMAGE)
         return None
-    if xml_path.is_file():
-        return parse_voc_xml(xml_path, class_index, image_path, tally, keep_difficult, ignore)
-    try:
+    try:  # every image's header, so that an empty, non-image or bomb file is caught here
         width, height = image_size(image_path)
     except DatasetError as error:
         tally.report(error, reason=UNREADABLE_IMAGE)
         return None
+    if xml_path.is_file():
+        return parse_voc_xml(
+            xml_path, class_index, image_path, tally, keep_difficult, ignore, (width, height)
+        )
     return DetectionRecord(image_path, width=width, height=height)
 
 
