@@ -49,12 +49,13 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -e ".[dev,bench]"
 	touch $(BENCH_STAMP)
 
-bench: install $(BENCH_STAMP) ## benchmarks (detectors + PVEL-AD loader, B-A attention, PaDiM vs anomalib, GAN-AE steps); each prints its table
+bench: install $(BENCH_STAMP) ## benchmarks (detectors + PVEL-AD loader, B-A attention, PaDiM vs anomalib, GAN-AE steps, Hydra launchers); each prints its table
 	$(PY) experiments/bench_detection.py --out experiments/results/bench_detection.md
 	$(PY) experiments/bench_attention.py
 	$(PY) experiments/bench_padim.py --limit 1131 | tee experiments/results/bench_padim.md
 	$(PY) experiments/bench_padim.py --limit 256 --fit-doubling --test-limit 64
 	$(PY) experiments/bench_ganae.py --out experiments/results/bench_ganae.md
+	$(PY) experiments/bench_launchers.py --out experiments/results/bench_launchers.md
 
 clean: ## remove caches and build files (keeps logs/ and .venv)
 	rm -rf .pytest_cache .ruff_cache .hypothesis build dist *.egg-info

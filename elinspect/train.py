@@ -3,20 +3,36 @@
     python -m elinspect.train                                  # conf/train.yaml defaults
     python -m elinspect.train model=classifier data=elpv loss=focal trainer.max_epochs=5
     python -m elinspect.train -m loss=ce,focal seed=1,2        # one job per combination
+    python -m elinspect.train train=false ckpt_path=<file.ckpt>  # test a checkpoint only
+    python -m elinspect.train trainer=ddp trainer.devices=4      # distributed (conf/trainer/ddp.yaml)
 
-Returns the ``optimized_metric`` so Hydra sweepers (Optuna, ...) can optimise it.
+Returns the ``optimized_metric`` so Hydra sweepers (Optuna, ...) can optimise it; a job that
+failed, or whose metric is NaN, returns None, which the Optuna sweeper records as a failed
+trial (the study goes on; a NaN would stop it: optuna refuses NaN and the sweeper's fallback
+``tell`` then raises).
+
+Under DDP with ``strategy: ddp`` Lightning re-runs this command for ranks 1..N-1: they build
+the same datamodule, model and trainer, and everything written outside the Trainer (config.yaml,
+the config tree, the console tables) is written by rank 0 only; inside it, the loggers and
+ModelCheckpoint are rank-0-only by Lightning's design.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, open_dict
 from rich.console import Console
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
@@ -26,10 +42,17 @@ from elinspect.utils.build import (
     log_hyperparameters,
     save_resolved_config,
 )
+from elinspect.utils.outputs import ensure_writable_dir
 from elinspect.utils.rich_utils import metrics_table
-from elinspect.utils.task import extras, metric_value, task_wrapper
+from elinspect.utils.task import extras, is_multirun, metric_value, task_wrapper
+from elinspect.utils.weights import check_checkpoint
 
 log = logging.getLogger(__name__)
+
+# conf/hydra/launcher/{joblib,submitit_slurm}.yaml replace the plugins' configs of the same
+# name on purpose (elinspect's defaults, every field repeated); Hydra 1.3 warns that it still
+# validates such a file against the plugin's schema ("automatic schema matching"), harmlessly.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
 
 
 class OutputExistsError(FileExistsError):
@@ -46,6 +69,33 @@ def guard_output_dir(output_dir: Path, ckpt_path: str | None) -> None:
         )
 
 
+class DistributedLaunchError(RuntimeError):
+    """A distributed setting that cannot work with the way this job was launched."""
+
+
+def check_distributed_launch(cfg: DictConfig) -> None:
+    """Refuse ``strategy=ddp`` on several devices inside a local multirun before anything runs.
+
+    Lightning starts ranks 1..N-1 of ``strategy: ddp`` by re-running the command line, which in
+    a multirun (``-m``) is the whole sweep, and the sweep's later jobs would find the first job's
+    rank environment. A cluster that starts the ranks itself (SLURM through
+    ``hydra/launcher=submitit_slurm``, torchrun) is fine; locally, ``trainer=ddp_spawn`` is.
+    """
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("strategy") != "ddp" or not is_multirun():
+        return
+    if trainer.get("devices") == 1 and trainer.get("num_nodes", 1) == 1:
+        return
+    if SLURMEnvironment.detect() or TorchElasticEnvironment.detect():
+        return
+    launcher = HydraConfig.get().launcher.get("_target_", "") if HydraConfig.initialized() else ""
+    raise DistributedLaunchError(
+        f"trainer.strategy=ddp cannot run inside a local multirun (launcher {launcher.rsplit('.', 1)[-1]}): "
+        "Lightning would re-run the whole sweep for every extra rank. Use trainer=ddp_spawn, or "
+        "hydra/launcher=submitit_slurm (SLURM starts the ranks), or one device per job."
+    )
+
+
 def as_floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
 
@@ -53,7 +103,11 @@ def as_floats(metrics: dict[str, Any]) -> dict[str, float]:
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     output_dir = Path(cfg.paths.output_dir)
-    guard_output_dir(output_dir, cfg.get("ckpt_path"))
+    check_distributed_launch(cfg)
+    if cfg.get("train"):
+        guard_output_dir(output_dir, cfg.get("ckpt_path"))
+    ensure_writable_dir(output_dir)
+    check_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     save_resolved_config(cfg, output_dir)
@@ -64,44 +118,99 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     if cfg.get("train"):
         log.info("training")
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = as_floats(trainer.callback_metrics)
 
     if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = tested_checkpoint(cfg, trainer)
         if not best:
             log.warning(
-                "no best checkpoint (fast_dev_run, or no checkpoint callback): testing the current weights"
+                "no best checkpoint (fast_dev_run, train=false without ckpt_path, or no checkpoint "
+                "callback): testing the current weights"
             )
         log.info("testing %s", best or "the current weights")
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None)
+        carry_csv_columns(trainer)
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         test_metrics = as_floats(trainer.callback_metrics)
         metrics.update(test_metrics)
-        protocol = getattr(datamodule, "protocol", None)
-        console = Console()
-        console.print(
-            metrics_table(
-                {k: v for k, v in test_metrics.items() if k.startswith("test/")},
-                title="test metrics",
-                caption=protocol,
-            )
-        )
-        if best:
-            console.print(f"best checkpoint: {best}")
-    Console().print(f"run outputs: {output_dir}")
+        label = "best checkpoint" if cfg.get("train") else "tested checkpoint"
+        print_test_metrics(test_metrics, getattr(datamodule, "protocol", None), best and f"{label}: {best}")
+    print_on_rank_zero(f"run outputs: {output_dir}")
     return metrics, {"trainer": trainer, "model": model, "datamodule": datamodule}
+
+
+def carry_csv_columns(trainer: L.Trainer) -> None:
+    """Let the test append its columns to the fit's metrics.csv under ``ddp_spawn``.
+
+    A spawn strategy gives each stage's processes a fresh copy of this process's loggers, whose
+    CSV writer has not seen the columns the fit's processes wrote; Lightning's writer then
+    fails to add the test columns to the file ("dict contains fields not in fieldnames").
+    Seeding the writer with the file's header makes it rewrite the file with every column.
+    """
+    if rank_zero_only.rank != 0:
+        return
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        writer = logger.experiment
+        path = Path(writer.metrics_file_path)
+        if writer.metrics_keys or not path.is_file():
+            continue
+        with path.open(newline="") as file:
+            writer.metrics_keys = sorted(next(csv.reader(file), []))
+
+
+def tested_checkpoint(cfg: DictConfig, trainer: L.Trainer) -> str:
+    """What the test loads: the fit's best checkpoint; without a fit (``train=false``), the
+    given ``ckpt_path``; "" for the current weights."""
+    if not cfg.get("train"):
+        return str(cfg.get("ckpt_path") or "")
+    return trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+
+
+@rank_zero_only
+def print_on_rank_zero(text: str) -> None:
+    Console().print(text)
+
+
+@rank_zero_only
+def print_test_metrics(metrics: dict[str, float], protocol: str | None, checkpoint_line: str) -> None:
+    console = Console()
+    console.print(
+        metrics_table(
+            {k: v for k, v in metrics.items() if k.startswith("test/")},
+            title="test metrics",
+            caption=protocol,
+        )
+    )
+    if checkpoint_line:
+        console.print(checkpoint_line)
+
+
+def sweeper_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """The optimised metric for the sweeper; None when the job failed or the value is NaN.
+
+    Hydra's Optuna sweeper marks a trial FAILED when the value is not a float (None) and the
+    study goes on; a NaN would end the study instead (optuna refuses NaN values, and the
+    sweeper's fallback ``tell`` with the same value raises outside its error handling).
+    """
+    value = metric_value(metrics, name)
+    if value is not None and math.isnan(value):
+        log.warning("the optimised metric %s is NaN for this job (or the job failed): returning None", name)
+        return None
+    return value
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
+    if rank_zero_only.rank != 0 and cfg.get("extras"):
+        with open_dict(cfg):  # DDP ranks > 0 re-run the command: the config tree is rank 0's
+            cfg.extras.print_config = False
     extras(cfg)
     metrics, _ = train(cfg)
     if not cfg.get("train"):
         return None  # nothing was optimised
-    value = metric_value(metrics, cfg.get("optimized_metric"))
-    if value is not None and math.isnan(value):
-        log.warning("the optimised metric %s is NaN for this job", cfg.get("optimized_metric"))
-    return value
+    return sweeper_value(metrics, cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

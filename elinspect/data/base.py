@@ -1,5 +1,10 @@
 """What every elinspect datamodule shares: one ``dataset(split)`` served as the train, val,
-test and predict dataloaders with the config's batch size, workers and pinned memory."""
+test and predict dataloaders with the config's batch size, workers and pinned memory.
+
+``num_workers: auto`` and ``pin_memory: auto`` (the data configs' defaults) are sized to the
+machine when the loaders are made (:func:`~elinspect.utils.speed.auto_num_workers`: up to 4
+workers, one CPU per training process left free; pinned memory only when batches go to a CUDA
+device); workers persist across epochs whenever there are any."""
 
 from __future__ import annotations
 
@@ -8,6 +13,9 @@ from typing import Any, ClassVar
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
+
+from elinspect.data.resumable import ResumableDataLoader
+from elinspect.utils.speed import auto_num_workers, auto_pin_memory
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -19,17 +27,28 @@ class SplitDataModule(L.LightningDataModule):
     def dataset(self, split: str) -> Dataset:
         raise NotImplementedError
 
-    def _loader(self, split: str) -> DataLoader:
+    def loader_settings(self) -> dict[str, Any]:
+        """``num_workers``, ``pin_memory`` and ``persistent_workers`` of the loaders, with
+        ``auto`` resolved for this machine and the attached trainer (its devices per node)."""
         hp = self.hparams
-        return DataLoader(
-            self.dataset(split),
-            batch_size=hp.batch_size,
-            shuffle=split == "train",
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory,
-            persistent_workers=hp.num_workers > 0,
-            collate_fn=type(self).collate_fn,
-        )
+        trainer = self.trainer
+        processes = trainer.num_devices if trainer is not None else 1
+        workers = auto_num_workers(hp.get("num_workers", 0), processes)
+        return {
+            "num_workers": workers,
+            "pin_memory": auto_pin_memory(hp.get("pin_memory", False), trainer),
+            "persistent_workers": workers > 0,
+        }
+
+    def _loader(self, split: str) -> DataLoader:
+        kwargs = {"batch_size": self.hparams.batch_size, "collate_fn": type(self).collate_fn}
+        kwargs.update(self.loader_settings())
+        trainer = self.trainer
+        if split == "train" and (trainer is None or trainer.world_size == 1):
+            # order, position and seed in every checkpoint: exact resume (elinspect.data.resumable);
+            # under DDP Lightning's distributed sampler must shard the plain loader instead
+            return ResumableDataLoader(self.dataset(split), **kwargs)
+        return DataLoader(self.dataset(split), shuffle=split == "train", **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

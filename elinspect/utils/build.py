@@ -13,7 +13,10 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -21,6 +24,7 @@ from elinspect.data.info import DatasetInfo
 from elinspect.models.base import ElinspectModule
 from elinspect.utils.compat import check_compatible
 from elinspect.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from elinspect.utils.speed import on_gpu, resolve_precision, speed_callback
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +83,60 @@ def build_datamodule_and_model(cfg: DictConfig) -> tuple[L.LightningDataModule, 
     return datamodule, model
 
 
+class DDPStrategy(LightningDDPStrategy):
+    """Lightning's DDP, except that a model with nothing to train is not wrapped in
+    ``DistributedDataParallel`` (which refuses a module without a parameter that requires a
+    gradient). PaDiM's fit is such a model: its ranks only add streaming sums, reduced
+    explicitly before the fit is finalised. Its ranks start from rank 0's parameters and
+    buffers, as every rank does in Lightning's validate / test / predict."""
+
+    def configure_ddp(self) -> None:
+        model = self.model
+        if model is None or any(p.requires_grad for p in model.parameters()):
+            super().configure_ddp()
+            return
+        log.info("DDP: the model has no trainable parameter; not wrapping it in DistributedDataParallel")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for tensor in (*model.parameters(), *model.buffers()):
+                torch.distributed.broadcast(tensor.data, src=0)
+
+
+# strategy names of the trainer config that get elinspect's DDPStrategy (with these arguments)
+DDP_STRATEGIES: dict[str, dict[str, Any]] = {
+    "ddp": {},
+    "ddp_spawn": {"start_method": "spawn"},
+    "ddp_fork": {"start_method": "fork"},
+    "ddp_find_unused_parameters_true": {"find_unused_parameters": True},
+}
+
+
+def trainer_arguments(trainer_cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:
+    """The ``trainer`` node as Trainer arguments (``precision: auto`` resolved for the chosen
+    accelerator) and its ``speed`` node (elinspect's knobs, :mod:`elinspect.utils.speed`)."""
+    node = trainer_cfg.copy()
+    with open_dict(node):
+        speed = node.pop("speed", None)
+        if "precision" in node:
+            node.precision = resolve_precision(node.precision, node.get("accelerator"))
+        if node.get("sync_batchnorm") and not on_gpu(node.get("accelerator")):
+            log.warning("trainer.sync_batchnorm is ignored off GPUs (torch's SyncBatchNorm needs CUDA)")
+            node.sync_batchnorm = False
+    return node, OmegaConf.to_container(speed, resolve=True) if speed is not None else {}
+
+
 def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     output_dir = cfg.paths.output_dir
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"), output_dir)
-    log.info("instantiating trainer <%s>", cfg.trainer._target_)
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **overrides)
+    trainer_cfg, speed = trainer_arguments(cfg.trainer)
+    speedup = speed_callback(speed)
+    if speedup is not None:
+        callbacks.append(speedup)
+    strategy = trainer_cfg.get("strategy")
+    if isinstance(strategy, str) and strategy in DDP_STRATEGIES and "strategy" not in overrides:
+        overrides["strategy"] = DDPStrategy(**DDP_STRATEGIES[strategy])
+    log.info("instantiating trainer <%s> (precision %s)", trainer_cfg._target_, trainer_cfg.get("precision"))
+    return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, **overrides)
 
 
 def stored_config(cfg: DictConfig) -> dict[str, Any]:
@@ -96,8 +148,10 @@ def stored_config(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> Path:
-    """Write the fully resolved config of this run to ``<run>/config.yaml``."""
+@rank_zero_only
+def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> Path | None:
+    """Write the fully resolved config of this run to ``<run>/config.yaml`` (rank 0 only: the
+    other DDP processes of a ``strategy=ddp`` run re-run the command with the same config)."""
     path = Path(output_dir) / "config.yaml"
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path

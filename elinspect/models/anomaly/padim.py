@@ -286,7 +286,7 @@ class Padim(nn.Module):
         for name in self.layers:
             layer = maps.pop(name)
             channels = slice(first, first + layer.shape[1])
-            first += layer.shape[1]
+            first = channels.stop  # not +=: a traced size is a tensor, += would move channels.start
             if self.embedding == "semi_orthogonal":
                 weights = self.projection[channels]  # C_l×k
                 if layer.shape[1] > self.k:  # embed first, then resize k channels
