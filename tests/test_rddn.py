@@ -299,6 +299,7 @@ def test_ptg_size_matches_table_viii() -> None:
     assert params * 8 / 2**20 == pytest.approx(367.60, rel=0.005)
 
 
+@pytest.mark.slow  # ~3 CPU-s with one thread, but 50 s under thread contention
 def test_ptg_learns_the_normal_features_without_becoming_the_identity() -> None:
     """Joint training (detection + reconstruction losses) with the body frozen, so that the
     normal features stay put and a few steps show the generators learning them."""
