@@ -26,7 +26,8 @@ SHARED = REPO.parent / "shared"
 # here still runs in the model × data grid, with its own defaults. Datasets that need
 # files on disk get them from the session fixtures in ``fast_data_overrides``.
 FAST_DATA_OVERRIDES: dict[str, list[str]] = {
-    "elpv": ["data.image_size=64", "data.batch_size=4", "data.num_workers=0"],
+    # 8 cells per batch: one fast_dev_run batch must hold at least two normal cells for PaDiM
+    "elpv": ["data.image_size=64", "data.batch_size=8", "data.num_workers=0"],
     **{
         name: ["data.image_size=64", "data.batch_size=2", "data.num_workers=0"]
         for name in ("pvel", "voc", "coco")
