@@ -83,7 +83,7 @@ def test_a_tested_run_leaves_predictions_report_and_wandb_artifacts(
     # test predictions on disk agree with the logged test metrics
     predictions = pd.read_csv(run_dir / "test" / "predictions.csv")
     assert list(predictions.columns[:4]) == ["index", "target", "score", "predicted"]
-    assert len(predictions) == 12 and predictions["index"].is_unique  # 3 test batches of 4
+    assert len(predictions) == 24 and predictions["index"].is_unique  # 3 test batches of 8
     assert roc_curve(predictions["score"], predictions["target"]).area == pytest.approx(
         metrics["test/auroc"], abs=1e-6
     )
