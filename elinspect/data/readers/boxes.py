@@ -135,3 +135,14 @@ def path_inside(root: str | Path, relative: str) -> Path:
     if os.path.commonpath([base, full]) != base:
         raise DatasetError(base, f"path {relative!r} resolves to {full}, outside the dataset root")
     return Path(full)
+
+
+def is_json_number(value: object) -> bool:
+    """A JSON coordinate: an int or a float (not a bool) that fits a float (a huge int does not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True

@@ -52,7 +52,14 @@ from pathlib import Path
 from typing import Any
 
 from elinspect.data.errors import DatasetError, ErrorTally
-from elinspect.data.readers.boxes import OUTSIDE_ROOT, SIZE_MISMATCH, image_size, path_inside, sanitize_boxes
+from elinspect.data.readers.boxes import (
+    OUTSIDE_ROOT,
+    SIZE_MISMATCH,
+    image_size,
+    is_json_number,
+    path_inside,
+    sanitize_boxes,
+)
 from elinspect.data.records import DetectionRecord
 
 log = logging.getLogger(__name__)
@@ -193,17 +200,6 @@ def _require_list(data: dict[str, Any], key: str, path: Path) -> list[Any]:
 
 def _is_id(value: Any) -> bool:
     return isinstance(value, int | str) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A JSON number that fits a float (huge integers do not)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        float(value)
-    except OverflowError:
-        return False
-    return True
 
 
 def _category_labels(
@@ -352,7 +348,7 @@ def _annotation_problem(
         return f"refers to unknown image_id {image_id!r:.100}"
     if not _is_id(category_id) or (category_id not in labels and category_id not in unknown):
         return f"refers to undefined category_id {category_id!r:.100}"
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_json_number(v) for v in bbox)):
         return f"'bbox' must be [x, y, width, height] numbers, got {bbox!r:.200}"
     return None
 

@@ -34,6 +34,7 @@ from elinspect.data.readers.boxes import (
     OUTSIDE_ROOT,
     SIZE_MISMATCH,
     image_size,
+    is_json_number,
     path_inside,
     sanitize_boxes,
 )
@@ -167,16 +168,6 @@ def _declared_size(data: dict[str, Any]) -> tuple[int, int] | None:
     return None
 
 
-def _is_number(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        float(value)
-    except OverflowError:
-        return False
-    return True
-
-
 def _parse_shape(
     shape: Any, number: int, json_path: Path, labels: Mapping[str, int | None], tally: ErrorTally
 ) -> tuple[list[float], int] | None:
@@ -194,7 +185,7 @@ def _parse_shape(
     valid = (
         isinstance(points, list)
         and len(points) > 0
-        and all(isinstance(p, list) and len(p) == 2 and all(_is_number(v) for v in p) for p in points)
+        and all(isinstance(p, list) and len(p) == 2 and all(is_json_number(v) for v in p) for p in points)
     )
     if not valid:
         problem = f"shape #{number} ({name}) needs 'points' as a list of [x, y] numbers: {points!r:.200}"

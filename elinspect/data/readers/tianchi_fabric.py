@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from elinspect.data.errors import DatasetError, ErrorTally
-from elinspect.data.readers.boxes import OUTSIDE_ROOT
+from elinspect.data.readers.boxes import OUTSIDE_ROOT, is_json_number
 from elinspect.data.readers.labelme import load_json_file
 from elinspect.data.readers.voc import IGNORED_CLASS, UNKNOWN_CLASS
 
@@ -81,16 +81,6 @@ def read_fabric_annotations(
     return out
 
 
-def _is_number(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        float(value)
-    except OverflowError:
-        return False
-    return True
-
-
 def _parse_entry(
     entry: Any, number: int, path: Path, labels: Mapping[str, int | None], tally: ErrorTally
 ) -> tuple[str, str, int, tuple[float, float, float, float]] | None:
@@ -103,7 +93,7 @@ def _parse_entry(
         problem = f"entry #{number} needs string 'name' and 'defect_name': {entry!r:.200}"
         tally.report(DatasetError(path, problem), reason=MALFORMED_ENTRY)
         return None
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_json_number(v) for v in bbox)):
         problem = f"entry #{number} ({name}) needs 'bbox' as [x1, y1, x2, y2] numbers: {bbox!r:.200}"
         tally.report(DatasetError(path, problem), reason=MALFORMED_ENTRY)
         return None
