@@ -4,7 +4,6 @@ config, reproducibility, output protection, offline W&B."""
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import hydra
@@ -24,6 +23,7 @@ from elinspect.utils.compat import (
     model_task,
 )
 from tests.conftest import FAST_DATA_OVERRIDES, fast_model_overrides, group_options
+from tests.wandb_records import history_values
 
 GRID = [(m, d) for m in group_options("model") for d in group_options("data")]
 
@@ -136,11 +136,7 @@ def test_wandb_offline_run_holds_the_logged_metric(make_cfg) -> None:
     metrics, _ = train(cfg)
     runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    records = next(runs[0].glob("*.wandb")).read_bytes()
-    # W&B's run file stores each history item as its key followed by its JSON value
-    logged = [
-        float(v) for v in re.findall(rb"val/f1[^0-9-]{1,6}(-?[0-9][0-9.eE+-]*)", records, flags=re.DOTALL)
-    ]
+    logged = history_values(next(runs[0].glob("*.wandb")), "val/f1")
     assert logged, "val/f1 is not in the offline run"
     assert any(v == pytest.approx(metrics["val/f1"], rel=1e-5, abs=1e-7) for v in logged), (
         logged,

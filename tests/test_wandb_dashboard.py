@@ -17,6 +17,7 @@ from elinspect.plots import roc_curve
 from elinspect.train import train
 from elinspect.utils.instantiate import instantiate_loggers
 from tests.conftest import FAST_DATA_OVERRIDES
+from tests.wandb_records import record_payloads
 
 
 def test_runs_are_grouped_by_experiment_and_typed_by_task(make_cfg) -> None:
@@ -98,7 +99,7 @@ def test_a_tested_run_leaves_predictions_report_and_wandb_artifacts(
     # the offline W&B run: group, job type, choice tags, both artifacts and the report panels
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    records = next(runs[0].glob("*.wandb")).read_bytes()
+    records = b"".join(record_payloads(next(runs[0].glob("*.wandb"))))
     run_id = runs[0].name.rsplit("-", 1)[-1]
     for expected in (b"train-classification", b"model:classifier", b"data:elpv", f"config-{run_id}".encode()):
         assert expected in records, expected
