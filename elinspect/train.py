@@ -194,6 +194,11 @@ def sweeper_value(metrics: dict[str, float], name: str | None) -> float | None:
     study goes on; a NaN would end the study instead (optuna refuses NaN values, and the
     sweeper's fallback ``tell`` with the same value raises outside its error handling).
     """
+    if name and name not in metrics and not any(k.startswith(name.split("/")[0] + "/") for k in metrics):
+        # no metric of its split was logged (e.g. trainer.limit_val_batches=0): the run itself
+        # is complete, there is only nothing to report to a sweeper
+        log.warning("the optimised metric %s was not logged (that stage did not run): returning None", name)
+        return None
     value = metric_value(metrics, name)
     if value is not None and math.isnan(value):
         log.warning("the optimised metric %s is NaN for this job (or the job failed): returning None", name)

@@ -99,6 +99,11 @@ def test_sweeper_value_turns_failures_and_nan_into_none() -> None:
     assert sweeper_value({"val/f1": float("nan")}, "val/f1") is None
     assert sweeper_value({}, "val/f1") is None  # the failed job of a multirun
     assert sweeper_value({"val/f1": 0.5}, None) is None
+    # a run without validation (trainer.limit_val_batches=0) has no value, and is not an error
+    assert sweeper_value({"test/f1": 0.5, "train/loss": 1.0}, "val/f1") is None
+    # a misspelt name among logged metrics of its stage is an error naming what was logged
+    with pytest.raises(KeyError, match=r"'val/f2' was not logged; logged: \['val/f1'\]"):
+        sweeper_value({"val/f1": 0.5}, "val/f2")
 
 
 # -------------------------------------------------------------------- speed knobs, loaders
