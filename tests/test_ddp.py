@@ -415,13 +415,6 @@ def test_semacnn_checkpoint_test_metrics_equal_under_ddp(folder_runs) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="SemaCnnModule.training_step returns None in stage 1, which Lightning refuses under DDP "
-    "('Skipping the training_step by returning None in distributed training is not supported'); "
-    "the fix in semacnn.py is described in the issue-9 report",
-)
 def test_semacnn_padim_fit_equals_under_ddp(folder_runs) -> None:
     """SeMaCNN's stage 1 under DDP fits the same Gaussian as one process (the classifier is
     trained, so the module is wrapped in DistributedDataParallel, whose buffer broadcast must

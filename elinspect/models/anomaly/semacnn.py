@@ -244,13 +244,32 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         )
         return loss, maps
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.stage == 1:
             if not self.padim._fitted:
                 self.padim_update(batch)
             self._keep_for_scale(batch)
-            return None  # no optimiser step in stage 1
+            # A zero that reaches every trainable parameter: DistributedDataParallel expects a
+            # backward through all of them at each step, and Lightning refuses a None loss in
+            # distributed training. optimizer_step below skips the update itself.
+            return (
+                sum(
+                    (p.sum() for p in self.parameters() if p.requires_grad),
+                    torch.zeros((), device=self.device),
+                )
+                * 0.0
+            )
         return self._step(batch, "train")[0]
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        """Stage 1 runs the step's closure (forward, the zero backward) and no update, so the
+        classifier (and the optimiser's state: momentum, weight decay) starts stage 2 untouched."""
+        if self.stage == 1:
+            optimizer_closure()
+            return
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor] | None:
         if self.stage == 1:  # the sanity check before the fit
