@@ -20,6 +20,7 @@ import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
@@ -95,11 +96,14 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer = build_trainer(cfg)
     trainer.test(model=model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    Console().print(
-        metrics_table(
-            metrics, title=f"test metrics of {cfg.ckpt_path}", caption=getattr(datamodule, "protocol", None)
+    if rank_zero_only.rank == 0:  # every DDP rank holds the synchronised metrics; one prints them
+        Console().print(
+            metrics_table(
+                metrics,
+                title=f"test metrics of {cfg.ckpt_path}",
+                caption=getattr(datamodule, "protocol", None),
+            )
         )
-    )
     return metrics, {"trainer": trainer, "model": model, "datamodule": datamodule}
 
 

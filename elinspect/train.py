@@ -32,7 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from rich.console import Console
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
@@ -208,9 +208,6 @@ def sweeper_value(metrics: dict[str, float], name: str | None) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
-    if rank_zero_only.rank != 0 and cfg.get("extras"):
-        with open_dict(cfg):  # DDP ranks > 0 re-run the command: the config tree is rank 0's
-            cfg.extras.print_config = False
     extras(cfg)
     metrics, _ = train(cfg)
     if not cfg.get("train"):

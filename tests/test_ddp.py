@@ -23,6 +23,7 @@ What "correct" means here, and why the two runs can be equal at all:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -104,6 +105,32 @@ def test_sweeper_value_turns_failures_and_nan_into_none() -> None:
     # a misspelt name among logged metrics of its stage is an error naming what was logged
     with pytest.raises(KeyError, match=r"'val/f2' was not logged; logged: \['val/f1'\]"):
         sweeper_value({"val/f1": 0.5}, "val/f2")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_zero_prints_the_config_tree_and_asks_for_tags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: int
+) -> None:
+    """DDP's ranks > 0 re-run the command: the config tree is rank 0's to print (and save), the
+    tag prompt rank 0's to ask."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from elinspect.utils import task
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    asked: list[str] = []
+    monkeypatch.setattr("builtins.input", lambda prompt: asked.append(prompt) or "a, b")
+    cfg = OmegaConf.create(
+        {
+            "extras": {"print_config": True, "enforce_tags": True},
+            "tags": [],
+            "paths": {"output_dir": str(tmp_path)},
+        }
+    )
+    task.extras(cfg)
+    assert (tmp_path / "config_tree.log").is_file() == (rank == 0)
+    assert (len(asked), list(cfg.tags)) == ((1, ["a", "b"]) if rank == 0 else (0, []))
 
 
 # -------------------------------------------------------------------- speed knobs, loaders
@@ -469,3 +496,28 @@ def test_detector_test_metrics_of_a_checkpoint_equal_under_ddp(tmp_path: Path, d
     assert (ddp / "test" / "confusion_matrix.csv").read_text() == matrix
     assert sum(int(v) for line in matrix.splitlines()[1:] for v in line.split(",")[1:]) > 0
     assert_single_outputs(ddp)
+
+
+GANAE = ["model=ganae", "model.image_size=32", "model.base_channels=4"]
+GANAE += ["model.generator_epochs=1", "model.encoder_epochs=1", "model.n_critic=1"]
+
+
+@pytest.mark.slow
+def test_ganae_trains_under_ddp_and_its_checkpoint_tests_the_same(folder_runs) -> None:
+    """GAN-AE trains one part per stage (critic and generator, then the encoder), so DDP must
+    look for unused parameters (the model asks for it); the decision threshold is set on the
+    gathered scores, so evaluating a single-process checkpoint on two ranks gives its metrics."""
+    data = folder_overrides(folder_runs["root"], "data.batch_size=4")
+    single = run_train(folder_runs["tmp"] / "ganae-single", *GANAE, *data)
+    ddp_fit = run_train(folder_runs["tmp"] / "ganae-ddp", *GANAE, *data, *CPU_DDP)
+    assert_single_outputs(ddp_fit)
+    fitted = load_state(ddp_fit / "checkpoints" / "last.ckpt")
+    assert bool(fitted["generator_trained"]) and math.isfinite(float(fitted["threshold"]))
+    assert math.isfinite(logged_metrics(ddp_fit)["test/f1"])
+
+    last = ["train=false", f"ckpt_path='{single / 'checkpoints' / 'last.ckpt'}'"]
+    single_eval = run_train(folder_runs["tmp"] / "ganae-single-eval", *GANAE, *data, *last)
+    ddp_eval = run_train(folder_runs["tmp"] / "ganae-ddp-eval", *GANAE, *data, *last, *CPU_DDP)
+    expected, got = logged_metrics(single_eval), logged_metrics(ddp_eval)
+    for name in CLASSIFICATION_METRICS:
+        assert got[f"test/{name}"] == pytest.approx(expected[f"test/{name}"], abs=1e-6), name

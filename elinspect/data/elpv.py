@@ -264,8 +264,8 @@ class ElpvDataModule(SplitDataModule):
         augment: dict[str, float] | None = None,
         expand: int = 0,
         batch_size: int = 32,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        num_workers: int | str = 0,
+        pin_memory: bool | str = False,
         on_error: OnError = "raise",
     ) -> None:
         super().__init__()

@@ -420,8 +420,8 @@ class FolderDataModule(SplitDataModule):
         channels: int = 3,
         augment: dict[str, float] | None = None,
         batch_size: int = 16,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        num_workers: int | str = 0,
+        pin_memory: bool | str = False,
         on_error: OnError = "raise",
         cell_crop: dict[str, int] | None = None,
     ) -> None:

@@ -43,8 +43,8 @@ class PvelAdDataModule(VocLayoutDataModule):
         resize: Resize = "square",
         augment: dict[str, float] | None = None,
         batch_size: int = 2,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        num_workers: int | str = 0,
+        pin_memory: bool | str = False,
         on_error: OnError = "raise",
     ) -> None:
         super().__init__()

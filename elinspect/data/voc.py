@@ -156,8 +156,8 @@ class VocDataModule(VocLayoutDataModule):
         resize: Resize = "longer",
         augment: dict[str, float] | None = None,
         batch_size: int = 2,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        num_workers: int | str = 0,
+        pin_memory: bool | str = False,
         on_error: OnError = "raise",
     ) -> None:
         super().__init__()

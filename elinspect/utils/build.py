@@ -88,11 +88,23 @@ class DDPStrategy(LightningDDPStrategy):
     ``DistributedDataParallel`` (which refuses a module without a parameter that requires a
     gradient). PaDiM's fit is such a model: its ranks only add streaming sums, reduced
     explicitly before the fit is finalised. Its ranks start from rank 0's parameters and
-    buffers, as every rank does in Lightning's validate / test / predict."""
+    buffers, as every rank does in Lightning's validate / test / predict.
+
+    A model whose steps each train only part of it (GAN-AE: critic and generator, then the
+    encoder) says so with ``ddp_find_unused_parameters = True``, and DDP looks for the unused
+    parameters of each step instead of failing on them."""
 
     def configure_ddp(self) -> None:
         model = self.model
         if model is None or any(p.requires_grad for p in model.parameters()):
+            if getattr(model, "ddp_find_unused_parameters", False) and not self._ddp_kwargs.get(
+                "find_unused_parameters"
+            ):
+                log.info(
+                    "DDP: %s trains part of itself per step: find_unused_parameters=True",
+                    type(model).__name__,
+                )
+                self._ddp_kwargs["find_unused_parameters"] = True
             super().configure_ddp()
             return
         log.info("DDP: the model has no trainable parameter; not wrapping it in DistributedDataParallel")

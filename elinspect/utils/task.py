@@ -14,6 +14,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from elinspect.utils.rich_utils import print_config_tree
@@ -34,6 +35,8 @@ def extras(cfg: DictConfig) -> None:
         return
     if options.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
+    if rank_zero_only.rank != 0:  # DDP ranks > 0 re-run the command: rank 0 asks and prints
+        return
     if options.get("enforce_tags") and not cfg.get("tags"):
         import sys
 

@@ -122,7 +122,9 @@ class AutoencoderModule(ThresholdedScoring, ElinspectModule):
             return None
         x = self.net.prepare(images)
         loss = self.loss(x, self.net.autoencoder(x))
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+        self.log(
+            "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x), sync_dist=True
+        )
         return loss
 
     # ---------------------------------------------------------------------- evaluation
@@ -136,7 +138,14 @@ class AutoencoderModule(ThresholdedScoring, ElinspectModule):
         if split == "val":
             if normal.any():
                 loss = self.loss(x[normal], x_hat[normal])
-                self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=int(normal.sum()))
+                self.log(
+                    "val/loss",
+                    loss,
+                    on_step=False,
+                    on_epoch=True,
+                    batch_size=int(normal.sum()),
+                    sync_dist=True,
+                )
             if self._val_pixel_count < MAX_PIXELS:
                 self.val_pixels.update(maps.flatten())
                 self._val_pixel_count += maps.numel()
@@ -168,7 +177,11 @@ class AutoencoderModule(ThresholdedScoring, ElinspectModule):
             if pixels is not None and pixels.numel():
                 self.pixel_threshold.fill_(otsu_threshold(pixels))
         if torch.isfinite(self.threshold):
-            self.log_dict(threshold_metrics(scores, labels, float(self.threshold), "val/"), prog_bar=True)
+            self.log_dict(
+                threshold_metrics(scores, labels, float(self.threshold), "val/"),
+                prog_bar=True,
+                sync_dist=True,
+            )
             self.log("val/threshold", self.threshold)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

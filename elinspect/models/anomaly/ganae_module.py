@@ -158,6 +158,9 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
 
     task: ClassVar[str] = "anomaly"
     loss_kind: ClassVar[str] = "reconstruction"
+    # each stage trains one part (critic and generator, then the encoder): under DDP the other
+    # parts' parameters get no gradient in a step (see utils.build.DDPStrategy)
+    ddp_find_unused_parameters: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -363,7 +366,14 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
     # ------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         images = normal_images(batch)
-        self.log("train/normal_images", float(len(images)), on_step=False, on_epoch=True, reduce_fx="sum")
+        self.log(
+            "train/normal_images",
+            float(len(images)),
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="sum",
+            sync_dist=True,
+        )
         if not len(images):
             return
         x = self.net.prepare(images)
@@ -410,7 +420,14 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
             opt_g.step()
             self.untoggle_optimizer(opt_g)
             self.generator_trained.fill_(True)
-            self.log("train/generator_loss", loss_g.detach(), on_step=False, on_epoch=True, batch_size=n)
+            self.log(
+                "train/generator_loss",
+                loss_g.detach(),
+                on_step=False,
+                on_epoch=True,
+                batch_size=n,
+                sync_dist=True,
+            )
 
     def _encoder_step(self, x: Tensor) -> None:
         """One encoder step on ``loss(x, G(E(x)), f(x), f(G(E(x))))`` (eq. 3), G and D frozen."""
@@ -430,7 +447,15 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
         opt_e.zero_grad()
         self.manual_backward(loss)
         opt_e.step()
-        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=len(x))
+        self.log(
+            "train/loss",
+            loss.detach(),
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(x),
+            sync_dist=True,
+        )
 
     def _calibration_step(self, x: Tensor) -> None:
         """Score the training normals with the final model (no optimiser step)."""
@@ -475,7 +500,9 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
             loss = self.loss(
                 out["x"][normal], out["x_hat"][normal], out["feat_x"][normal], out["feat_x_hat"][normal]
             )
-            self.log("val/loss", loss, on_step=False, on_epoch=True, batch_size=int(normal.sum()))
+            self.log(
+                "val/loss", loss, on_step=False, on_epoch=True, batch_size=int(normal.sum()), sync_dist=True
+            )
         return {"anomaly_maps": maps, "scores": scores}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor] | None:
@@ -486,7 +513,14 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
                     x = self.net.to_net(self.net.prepare(real))
                     fake = self.net.generator(self.net.generator.sample_latent(len(x)))
                     distance = self.net.critic(x).mean() - self.net.critic(fake).mean()
-                self.log("val/wasserstein", distance, on_step=False, on_epoch=True, batch_size=len(x))
+                self.log(
+                    "val/wasserstein",
+                    distance,
+                    on_step=False,
+                    on_epoch=True,
+                    batch_size=len(x),
+                    sync_dist=True,
+                )
             return None
         return self._score(batch, "val")
 
@@ -502,12 +536,19 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
         if self.threshold_mode == "f1" and not self.trainer.sanity_checking:
             self.threshold.fill_(best_f1_threshold(scores, labels))
         if torch.isfinite(self.threshold):
-            self.log_dict(threshold_metrics(scores, labels, float(self.threshold), "val/"), prog_bar=True)
+            self.log_dict(
+                threshold_metrics(scores, labels, float(self.threshold), "val/"),
+                prog_bar=True,
+                sync_dist=True,
+            )
             self.log("val/threshold", self.threshold)
         else:
             target = (labels > 0).long()
             if 0 < int(target.sum()) < len(target):
-                self.log("val/auroc", binary_auroc(to_unit_interval(scores), target), prog_bar=True)
+                auroc = binary_auroc(
+                    to_unit_interval(scores), target
+                )  # gathered scores: the same on every rank
+                self.log("val/auroc", auroc, prog_bar=True, sync_dist=True)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         images = batch["image"]

@@ -215,7 +215,9 @@ class PadimModule(PadimFitMixin, ThresholdedScoring, ElinspectModule):
             return
         scores, labels = collected
         self.threshold.fill_(best_f1_threshold(scores, labels))
-        self.log_dict(threshold_metrics(scores, labels, float(self.threshold), "val/"), prog_bar=True)
+        self.log_dict(
+            threshold_metrics(scores, labels, float(self.threshold), "val/"), prog_bar=True, sync_dist=True
+        )
         self.log("val/threshold", self.threshold)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

@@ -66,4 +66,5 @@ class ThresholdedScoring:
                 "%s has no decision threshold (validate first): every test image counts as normal",
                 type(self).__name__,
             )
-        self.log_dict(threshold_metrics(*collected, float(self.threshold), "test/"))
+        # the scores are gathered from every rank (torchmetrics): the values are the same on each
+        self.log_dict(threshold_metrics(*collected, float(self.threshold), "test/"), sync_dist=True)

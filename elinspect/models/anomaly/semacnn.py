@@ -238,7 +238,16 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         if split != "train" and "mask" in batch:
             self.pixel_auroc[split].update(maps, batch["mask"])
         on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        # epoch means over all ranks; the per-step training loss is this rank's (no collective per step)
+        self.log(
+            f"{split}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(labels),
+            sync_dist=not on_step,
+        )
         self.log_dict(
             metrics, on_step=False, on_epoch=True, prog_bar=split != "train", batch_size=len(labels)
         )

@@ -93,7 +93,16 @@ class ClassifierModule(ElinspectModule):
         metrics = getattr(self, f"{split}_metrics")
         metrics.update(scores, labels)
         on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        # epoch means over all ranks; the per-step training loss is this rank's (no collective per step)
+        self.log(
+            f"{split}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(labels),
+            sync_dist=not on_step,
+        )
         self.log_dict(
             metrics, on_step=False, on_epoch=True, prog_bar=split != "train", batch_size=len(labels)
         )

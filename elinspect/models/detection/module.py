@@ -132,8 +132,17 @@ class DetectionModule(ElinspectModule):
         if split == "val" and self.val_loss:
             losses = detection_losses(self.model, list(images), model_targets(targets))
             size = len(images)
-            self.log("val/loss", sum(losses.values()), on_epoch=True, prog_bar=True, batch_size=size)
-            self.log_dict({f"val/{k}": v for k, v in losses.items()}, on_epoch=True, batch_size=size)
+            self.log(
+                "val/loss",
+                sum(losses.values()),
+                on_epoch=True,
+                prog_bar=True,
+                batch_size=size,
+                sync_dist=True,
+            )
+            self.log_dict(
+                {f"val/{k}": v for k, v in losses.items()}, on_epoch=True, batch_size=size, sync_dist=True
+            )
         return preds
 
     def validation_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Tensor]]:
