@@ -46,7 +46,7 @@ import hydra
 import matplotlib
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import boxes as box_ops
@@ -55,11 +55,8 @@ import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
 from elinspect.callbacks.detection_visuals import draw_detections
 from elinspect.data.detection import resize_with_boxes
 from elinspect.data.images import read_image, to_tensor_layout
-from elinspect.data.info import DatasetInfo
 from elinspect.data.transforms import resize
-from elinspect.eval import CheckpointError
-from elinspect.models.base import CHECKPOINT_KEY
-from elinspect.utils.build import STORED_GROUPS, build_loss, effective_loss_config, model_config
+from elinspect.inference import load_model
 from elinspect.utils.task import extras
 
 log = logging.getLogger(__name__)
@@ -301,46 +298,6 @@ def explain_detector(
     )
 
 
-# -------------------------------------------------------------------------- checkpoints
-def null_weights(node: Any) -> None:
-    """Set every ``weights`` entry of a model config to null: the checkpoint holds the weights."""
-    if isinstance(node, DictConfig):
-        for key in list(node.keys()):
-            if key == "weights":
-                node[key] = None
-            else:
-                null_weights(node[key])
-
-
-def load_module(ckpt_path: str | Path) -> nn.Module:
-    """Rebuild the LightningModule of a checkpoint from its stored config and load its weights."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"checkpoint {path} cannot be loaded safely (weights_only=True): {err}"
-        ) from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
-    stored = (ckpt.get(CHECKPOINT_KEY) or {}).get("config") or {}
-    dataset = (ckpt.get("hyper_parameters") or {}).get("dataset")
-    if "model" not in stored or dataset is None:
-        raise CheckpointError(
-            f"{path} carries no elinspect model config and dataset info: not written by elinspect.train"
-        )
-    cfg = OmegaConf.create({g: stored[g] for g in STORED_GROUPS if stored.get(g) is not None})
-    null_weights(cfg.model)
-    info = DatasetInfo.from_dict(dataset)
-    loss = build_loss(effective_loss_config(cfg), info)
-    module = hydra.utils.instantiate(model_config(cfg), dataset=info.to_dict(), loss=loss, _convert_="all")
-    module.load_state_dict(ckpt["state_dict"])
-    module.run_config = stored
-    return module.eval()
-
-
 # ------------------------------------------------------------------------------ inputs
 def input_files(source: str | Path) -> list[Path]:
     """``source`` itself, or the images in the directory ``source`` (sorted, not recursive)."""
@@ -507,7 +464,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     explainer = Explainer(
-        load_module(cfg.ckpt_path),
+        load_model(cfg.ckpt_path).module,
         layer=cfg.get("layer"),
         level=None if cfg.get("level") is None else str(cfg.level),
         target_class=cfg.get("target_class"),

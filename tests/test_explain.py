@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from elinspect.data.info import DatasetInfo
-from elinspect.eval import CheckpointError
 from elinspect.explain import (
     Explainer,
     ExplainError,
@@ -25,11 +24,11 @@ from elinspect.explain import (
     detection_rows,
     explain_classifier,
     explain_detector,
-    load_module,
     roi_head_outputs,
     run,
     tap,
 )
+from elinspect.inference import CheckpointError, load_model
 from elinspect.utils.build import build_loss, effective_loss_config, model_config, stored_config
 from tests.conftest import FAST_DETECTOR_OVERRIDES, REPO
 
@@ -125,7 +124,7 @@ def test_explain_a_classifier_checkpoint(make_cfg, tmp_path: Path) -> None:
     lines = (out / "explanations.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["layer"] == "net.net.layer4"
 
-    module = load_module(ckpt)
+    module = load_model(ckpt).module
     with pytest.raises(
         ExplainError, match=r"target_class 'crack' is not a class of the model: \['normal', 'defective'\]"
     ):
@@ -133,7 +132,7 @@ def test_explain_a_classifier_checkpoint(make_cfg, tmp_path: Path) -> None:
     with pytest.raises(ExplainError, match="layer 'net.nope' not found"):
         Explainer(module, layer="net.nope")
     with pytest.raises(CheckpointError, match="missing.ckpt does not exist"):
-        load_module(tmp_path / "missing.ckpt")
+        load_model(tmp_path / "missing.ckpt")
 
 
 def test_explain_a_detector_checkpoint(make_cfg, tmp_path: Path) -> None:

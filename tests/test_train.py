@@ -12,6 +12,7 @@ import torch
 from omegaconf import open_dict
 
 from elinspect.eval import evaluate
+from elinspect.models.anomaly.semacnn import SemaCnnModule
 from elinspect.models.base import CHECKPOINT_KEY
 from elinspect.train import OutputExistsError, train
 from elinspect.utils.build import effective_loss_config
@@ -172,7 +173,9 @@ def test_every_model_trains_with_every_loss(make_cfg, fast_data_overrides, model
     assert all(math.isfinite(v) for v in metrics.values())
 
 
-def test_the_default_job_is_semacnn_and_eval_reproduces_its_test_metrics(make_cfg) -> None:
+def test_the_default_job_is_semacnn_and_eval_reproduces_its_test_metrics(
+    make_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`make train` (no options) is SeMaCNN on ELPV: PaDiM fitted in epoch 0, the heatmap
     classifier trained after it; `eval` from the best checkpoint gives the same test numbers."""
     cfg = make_cfg(
@@ -188,6 +191,11 @@ def test_the_default_job_is_semacnn_and_eval_reproduces_its_test_metrics(make_cf
         ],
     )
     assert cfg.model._target_.endswith("SemaCnnModule") and cfg.data._target_.endswith("ElpvDataModule")
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("predict_step was called during the test: test_step's outputs were not used")
+
+    monkeypatch.setattr(SemaCnnModule, "predict_step", no_second_pass)  # the predictions file reuses them
     metrics, objects = train(cfg)
     model = objects["model"]
     assert model.stage == 2 and bool(model.padim.fitted)

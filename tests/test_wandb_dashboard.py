@@ -13,11 +13,16 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from elinspect.callbacks.wandb_dashboard import WandbDashboardCallback, run_group, run_job_type
+from elinspect.models.classification.module import ClassifierModule
 from elinspect.plots import roc_curve
 from elinspect.train import train
 from elinspect.utils.instantiate import instantiate_loggers
 from tests.conftest import FAST_DATA_OVERRIDES
 from tests.wandb_records import record_payloads
+
+
+def no_second_pass(*args, **kwargs):
+    raise AssertionError("predict_step was called during the test: test_step's outputs were not used")
 
 
 def test_runs_are_grouped_by_experiment_and_typed_by_task(make_cfg) -> None:
@@ -78,6 +83,8 @@ def test_a_tested_run_leaves_predictions_report_and_wandb_artifacts(
             "callbacks.model_checkpoint=null",  # the test uses the trained weights as they are
         ],
     )
+    # the test-predictions callback takes the probabilities test_step returns: no second forward pass
+    monkeypatch.setattr(ClassifierModule, "predict_step", no_second_pass)
     metrics, _ = train(cfg)
     run_dir = Path(cfg.paths.output_dir)
 

@@ -18,8 +18,9 @@ confusion matrix):
   label ``i + 1``), the model's task and its decision threshold if it has one.
 
 The values are the outputs ``test_step`` returns (a detector's detections, an anomaly
-model's ``scores``). A module whose ``test_step`` returns nothing (the classifier, SeMaCNN)
-is asked for its ``predict_step`` on the same batch: one more forward pass per test batch.
+model's ``scores``, a classifier's or SeMaCNN's ``probs``). A module whose ``test_step``
+returns none of these is asked for its ``predict_step`` on the same batch: one more forward
+pass per test batch.
 Under DDP every rank's rows are gathered and rank zero writes the files.
 """
 

@@ -56,7 +56,7 @@ from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimFitMixin
 from elinspect.models.base import ElinspectModule
-from elinspect.models.classification.module import classification_metrics
+from elinspect.models.classification.module import class_outputs, classification_metrics, score_and_log
 
 log = logging.getLogger(__name__)
 
@@ -227,31 +227,14 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         self._finish_stage_one()
 
     # ---------------------------------------------------------- stage 2 and evaluation
-    def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
+    def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor, Tensor]:
+        """Loss, anomaly maps and class probabilities; metrics updated and logged."""
         images, labels = batch["image"], batch["label"]
         maps = self.anomaly_maps(images)
-        logits = self.net(self.classifier_input(maps, images))
-        loss = self.loss(logits, labels)
-        probs = logits.softmax(dim=1)
-        metrics = getattr(self, f"{split}_metrics")
-        metrics.update(probs[:, 1] if self.binary else probs, labels)
+        loss, probs = score_and_log(self, self.net(self.classifier_input(maps, images)), labels, split)
         if split != "train" and "mask" in batch:
             self.pixel_auroc[split].update(maps, batch["mask"])
-        on_step = split == "train"
-        # epoch means over all ranks; the per-step training loss is this rank's (no collective per step)
-        self.log(
-            f"{split}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(labels),
-            sync_dist=not on_step,
-        )
-        self.log_dict(
-            metrics, on_step=False, on_epoch=True, prog_bar=split != "train", batch_size=len(labels)
-        )
-        return loss, maps
+        return loss, maps, probs
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.stage == 1:
@@ -290,10 +273,11 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
             return {"anomaly_maps": maps}
         return {"anomaly_maps": self._step(batch, "val")[1]}
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         if self.stage == 1:
             raise RuntimeError("SeMaCNN is not fitted: train it (stage 1 fits PaDiM) before testing")
-        self._step(batch, "test")
+        _, maps, probs = self._step(batch, "test")
+        return {"anomaly_maps": maps, **class_outputs(probs)}  # kept by the test-predictions callback
 
     def _log_pixel_auroc(self, split: str) -> None:
         value = pixel_auroc_value(self.pixel_auroc[split], split)
@@ -316,4 +300,4 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         maps = self.anomaly_maps(batch["image"])
         probs = self.net(self.classifier_input(maps, batch["image"])).softmax(dim=1)
-        return {"anomaly_maps": maps, "probs": probs, "pred": probs.argmax(dim=1)}
+        return {"anomaly_maps": maps, **class_outputs(probs)}

@@ -49,6 +49,35 @@ def classification_metrics(num_classes: int) -> MetricCollection:
     )
 
 
+def score_and_log(
+    module: ElinspectModule, logits: torch.Tensor, labels: torch.Tensor, split: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and class probabilities of a classification step; updates ``module``'s
+    ``{split}_metrics`` and logs them and the loss (shared by the classifier and SeMaCNN)."""
+    loss = module.loss(logits, labels)
+    probs = logits.softmax(dim=1)
+    metrics = getattr(module, f"{split}_metrics")
+    metrics.update(probs[:, 1] if probs.shape[1] == 2 else probs, labels)
+    on_step = split == "train"
+    # epoch means over all ranks; the per-step training loss is this rank's (no collective per step)
+    module.log(
+        f"{split}/loss",
+        loss,
+        on_step=on_step,
+        on_epoch=True,
+        prog_bar=True,
+        batch_size=len(labels),
+        sync_dist=not on_step,
+    )
+    module.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=not on_step, batch_size=len(labels))
+    return loss, probs
+
+
+def class_outputs(probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a classification test or predict step returns: probabilities and the argmax class."""
+    return {"probs": probs, "pred": probs.argmax(dim=1)}
+
+
 class ClassifierModule(ElinspectModule):
     """Trains ``net`` with ``loss`` on ``{"image", "label"}`` batches.
 
@@ -84,39 +113,17 @@ class ClassifierModule(ElinspectModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
-    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
-        logits = self(batch["image"])
-        labels = batch["label"]
-        loss = self.loss(logits, labels)
-        probs = logits.softmax(dim=1)
-        scores = probs[:, 1] if self.binary else probs
-        metrics = getattr(self, f"{split}_metrics")
-        metrics.update(scores, labels)
-        on_step = split == "train"
-        # epoch means over all ranks; the per-step training loss is this rank's (no collective per step)
-        self.log(
-            f"{split}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(labels),
-            sync_dist=not on_step,
-        )
-        self.log_dict(
-            metrics, on_step=False, on_epoch=True, prog_bar=split != "train", batch_size=len(labels)
-        )
-        return loss
+    def _step(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return score_and_log(self, self(batch["image"]), batch["label"], split)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return class_outputs(self._step(batch, "test")[1])  # kept by the test-predictions callback
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        probs = self(batch["image"]).softmax(dim=1)
-        return {"probs": probs, "pred": probs.argmax(dim=1)}
+        return class_outputs(self(batch["image"]).softmax(dim=1))
