@@ -308,16 +308,10 @@ def pr_figure(curves: Sequence[Curve], title: str = "precision-recall (IoU 0.5)"
     return fig
 
 
-def confusion_figure(
-    counts: np.ndarray, names: Sequence[str], title: str = "confusion matrix", row_share: bool = True
-) -> Figure:
+def confusion_figure(counts: np.ndarray, names: Sequence[str], title: str = "confusion matrix") -> Figure:
     """Rows true, columns predicted; cells coloured by their share of the row, with share and count."""
     counts = np.asarray(counts, dtype=np.int64)
-    share = (
-        counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-        if row_share
-        else counts / max(counts.max(), 1)
-    )
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = 1.2 + 0.7 * len(names)
     fig = Figure(figsize=(size + 1.5, size))
     ax = fig.add_subplot()

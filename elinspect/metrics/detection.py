@@ -35,11 +35,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_iou
+
+from elinspect.plots import confusion_figure, save_figure
 
 BACKGROUND = "background"
 
@@ -228,32 +229,6 @@ def save_confusion_matrix(
         for name, row in zip(names, counts.tolist(), strict=True):
             writer.writerow([name, *row])
 
-    rows = counts.sum(dim=1, keepdim=True).clamp(min=1)
-    share = (counts / rows).numpy()
-    size = 1.2 + 0.7 * len(names)
-    fig = Figure(figsize=(size + 1.5, size))
-    ax = fig.add_subplot()
-    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title or "confusion matrix (IoU 0.5)")
-    for i in range(len(names)):
-        for j in range(len(names)):
-            if counts[i, j] > 0:
-                colour = "white" if share[i, j] > 0.5 else "black"
-                ax.text(
-                    j,
-                    i,
-                    f"{100 * share[i, j]:.1f}%\n{int(counts[i, j])}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color=colour,
-                )
-    fig.tight_layout()
-    png_path = directory / "confusion_matrix.png"
-    fig.savefig(png_path, dpi=120)
+    figure = confusion_figure(counts.numpy(), names, title or "confusion matrix (IoU 0.5)")
+    png_path = save_figure(figure, directory / "confusion_matrix.png", dpi=120)
     return csv_path, png_path
