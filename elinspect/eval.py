@@ -11,12 +11,10 @@ the stored one; ``group.key=value`` changes one field of the stored one.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -32,31 +30,12 @@ from elinspect.utils.build import (
     build_trainer,
     save_resolved_config,
 )
+from elinspect.utils.checkpoint import read_checkpoint
 from elinspect.utils.outputs import ensure_writable_dir
 from elinspect.utils.rich_utils import metrics_table
 from elinspect.utils.task import extras, task_wrapper
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or not an elinspect checkpoint."""
-
-
-def read_checkpoint_meta(ckpt_path: str | Path) -> dict[str, Any]:
-    """The elinspect entry of a checkpoint (model class, task, stored config), read safely."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"checkpoint {path} cannot be loaded safely (weights_only=True): {err}"
-        ) from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
-    return ckpt.get(CHECKPOINT_KEY) or {}
 
 
 def apply_stored_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[str]) -> None:
@@ -84,7 +63,7 @@ def apply_stored_config(cfg: DictConfig, stored: dict[str, Any], overrides: list
 
 @task_wrapper
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    meta = read_checkpoint_meta(cfg.ckpt_path)
+    meta = read_checkpoint(cfg.ckpt_path).get(CHECKPOINT_KEY) or {}
     if meta.get("config"):
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
         apply_stored_config(cfg, meta["config"], overrides)

@@ -51,9 +51,9 @@ from elinspect.data.folder import IMAGE_EXTENSIONS, FolderDataModule
 from elinspect.data.images import read_image, to_tensor_layout
 from elinspect.data.info import DatasetInfo
 from elinspect.data.transforms import resize
-from elinspect.eval import CheckpointError
 from elinspect.models.base import CHECKPOINT_KEY, ElinspectModule
 from elinspect.utils.build import build_loss, effective_loss_config, model_config
+from elinspect.utils.checkpoint import CheckpointError, describe_foreign, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,6 @@ __all__ = [
     "load_model",
     "map_to_view",
     "preprocessing_from_config",
-    "read_checkpoint",
     "resolve_device",
     "run_batch",
     "to_record",
@@ -84,49 +83,6 @@ class InputError(ValueError):
 
 
 # ------------------------------------------------------------------------ checkpoints
-def describe_foreign(obj: Any) -> str:
-    """A short description of a loaded object that is not an elinspect checkpoint."""
-    if isinstance(obj, Mapping):
-        if "pytorch-lightning_version" in obj or "state_dict" in obj:
-            version = obj.get("pytorch-lightning_version", "?")
-            state = obj.get("state_dict")
-            keys = list(state)[:3] if isinstance(state, Mapping) else []
-            return f"a Lightning checkpoint (lightning {version}; weights such as {keys}) of another project"
-        tensors = [k for k, v in obj.items() if torch.is_tensor(v)]
-        if tensors and len(tensors) == len(obj):
-            return f"a bare state dict of {len(tensors)} tensors (such as {tensors[:3]}), not a checkpoint"
-        return f"a dict with keys {list(obj)[:6]}"
-    return f"a {type(obj).__name__}"
-
-
-def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """The whole checkpoint, read safely; :class:`CheckpointError` says what is wrong with it."""
-    path = Path(str(ckpt_path)).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        found = sorted(p.name for p in path.glob("*.ckpt"))[:5]
-        hint = f" (it holds {', '.join(found)})" if found else ""
-        raise CheckpointError(f"checkpoint {path} is a directory; give a .ckpt file{hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors have many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{path} is not an elinspect checkpoint: torch.load(weights_only=True) cannot read it "
-            f"(not a PyTorch file, or one holding Python objects that are never unpickled here): {first}"
-        ) from err
-    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt:
-        raise CheckpointError(
-            f"{path} is not an elinspect checkpoint (it has no {CHECKPOINT_KEY!r} entry naming the model "
-            f"and its config): it is {describe_foreign(ckpt)}. elinspect checkpoints are written by "
-            "`python -m elinspect.train` into <run>/checkpoints/."
-        )
-    if "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} has no state_dict: it holds no weights")
-    return ckpt
-
-
 def strip_pretrained_weights(node: Any) -> Any:
     """``node`` with every ``weights`` entry set to None: the checkpoint holds every tensor, so
     no pretrained file is read and nothing is downloaded."""
@@ -279,6 +235,12 @@ def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> Loa
     """Rebuild the checkpoint's module with its weights, in eval mode on ``device``."""
     path = Path(str(ckpt_path)).expanduser()
     ckpt = read_checkpoint(path)
+    if CHECKPOINT_KEY not in ckpt:
+        raise CheckpointError(
+            f"{path} is not an elinspect checkpoint (it has no {CHECKPOINT_KEY!r} entry naming the model "
+            f"and its config): it is {describe_foreign(ckpt)}. elinspect checkpoints are written by "
+            "`python -m elinspect.train` into <run>/checkpoints/."
+        )
     meta = ckpt[CHECKPOINT_KEY] or {}
     model_class = str(meta.get("model_class", "?"))
     stored = meta.get("config")

@@ -42,10 +42,10 @@ from elinspect.utils.build import (
     log_hyperparameters,
     save_resolved_config,
 )
+from elinspect.utils.checkpoint import check_checkpoint
 from elinspect.utils.outputs import ensure_writable_dir
 from elinspect.utils.rich_utils import metrics_table
 from elinspect.utils.task import extras, is_multirun, metric_value, task_wrapper
-from elinspect.utils.weights import check_checkpoint
 
 log = logging.getLogger(__name__)
 

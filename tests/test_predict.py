@@ -200,7 +200,7 @@ class Payload:
 def test_files_that_are_not_elinspect_checkpoints_are_named(tmp_path: Path) -> None:
     cases = {
         "missing.ckpt": (None, "does not exist"),
-        "text.ckpt": (b"hello", "is not an elinspect checkpoint: torch.load"),
+        "text.ckpt": (b"hello", "text.ckpt could not be loaded safely .*not a PyTorch file"),
         "weights.pth": ({"conv1.weight": torch.zeros(2)}, "bare state dict of 1 tensors"),
         "other.ckpt": (
             {"state_dict": {"w": torch.zeros(1)}, "pytorch-lightning_version": "2.6.0"},
@@ -208,7 +208,7 @@ def test_files_that_are_not_elinspect_checkpoints_are_named(tmp_path: Path) -> N
         ),
         "pickle.ckpt": (
             {"state_dict": {}, "hyper_parameters": Payload(tmp_path / "PWNED")},
-            "never unpickled",
+            "refused: it holds pickled Python objects",
         ),
         "noconfig.ckpt": (
             {"state_dict": {}, CHECKPOINT_KEY: {"model_class": "x.Padim", "config": None}},

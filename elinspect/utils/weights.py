@@ -10,10 +10,10 @@ Local files are read with ``torch.load(weights_only=True)``: a pickle that would
 is refused. A Lightning checkpoint (a dict with ``state_dict``) is accepted too; a
 ``prefix`` selects the sub-module's keys from it.
 
-Checkpoints are read the same way (:func:`read_checkpoint`), and a run resumed with
-``ckpt_path=…`` (or ``last``) has its file checked first (:func:`check_checkpoint`), so a
+Checkpoints are read through the same loader (:mod:`elinspect.utils.checkpoint`), so a
 checkpoint carrying a malicious pickle is refused with an error that names the file, at
-every entry: weights files, ``python -m elinspect.eval ckpt_path=…`` and resuming. The
+every entry: weights files, ``python -m elinspect.eval ckpt_path=…``, predict/export and
+resuming. The
 flag is always passed explicitly: ``torch.load``'s own default (``weights_only=None``) turns
 unsafe when the environment sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``.
 """
@@ -75,40 +75,6 @@ def safe_torch_load(path: Path, what: str, mmap: bool = False) -> Any:
         raise WeightsUnavailableError(
             f"{what} {path} could not be loaded safely (weights_only=True): {type(err).__name__}: {err}"
         ) from err
-
-
-def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    """A Lightning checkpoint read safely (``weights_only=True``); refused unless it is a dict
-    with a ``state_dict``. ``mmap``: see :func:`safe_torch_load`."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsUnavailableError(f"checkpoint {path} does not exist")
-    ckpt = safe_torch_load(path, "checkpoint", mmap=mmap)
-    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
-        raise WeightsUnavailableError(f"{path} is not a Lightning checkpoint (no state_dict)")
-    return dict(ckpt)
-
-
-def resolve_checkpoint(ckpt_path: str | Path | None, checkpoint_dir: str | Path) -> Path | None:
-    """The file ``ckpt_path`` names: ``last`` is the newest ``last*.ckpt`` in ``checkpoint_dir``
-    (as Lightning resolves it; ``None`` when there is none), ``None`` stays ``None``."""
-    if ckpt_path is None:
-        return None
-    if str(ckpt_path) != "last":
-        return Path(ckpt_path).expanduser()
-    candidates = sorted(Path(checkpoint_dir).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
-
-
-def check_checkpoint(ckpt_path: str | Path | None, checkpoint_dir: str | Path) -> None:
-    """Refuse to resume from an unsafe or unreadable checkpoint, before Lightning reads it.
-
-    Call with the run's ``ckpt_path`` and its checkpoint directory; ``None`` (no resume) and a
-    ``last`` without any ``last*.ckpt`` (Lightning then starts afresh) pass.
-    """
-    path = resolve_checkpoint(ckpt_path, checkpoint_dir)
-    if path is not None:
-        read_checkpoint(path, mmap=True)
 
 
 def resolve_torchvision_weights(name: str, builder: str | None = None):
