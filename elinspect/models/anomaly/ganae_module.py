@@ -545,9 +545,8 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
         else:
             target = (labels > 0).long()
             if 0 < int(target.sum()) < len(target):
-                auroc = binary_auroc(
-                    to_unit_interval(scores), target
-                )  # gathered scores: the same on every rank
+                # gathered scores: the same value on every rank
+                auroc = binary_auroc(to_unit_interval(scores), target)
                 self.log("val/auroc", auroc, prog_bar=True, sync_dist=True)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

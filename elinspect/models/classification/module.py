@@ -59,7 +59,8 @@ def score_and_log(
     metrics = getattr(module, f"{split}_metrics")
     metrics.update(probs[:, 1] if probs.shape[1] == 2 else probs, labels)
     on_step = split == "train"
-    # epoch means over all ranks; the per-step training loss is this rank's (no collective per step)
+    # val/test losses: epoch means over all ranks; the training loss (per step and its epoch
+    # mean) is this rank's, so no collective runs at each training step
     module.log(
         f"{split}/loss",
         loss,
