@@ -2,7 +2,7 @@
 
 Every model is built exactly as ``python -m elinspect.train model=<name> data=pvel`` builds
 it: the config is composed from ``conf/`` with Hydra's compose API (``model=<name>``,
-``model.detector.backbone.depth=<depth>``, ``model.detector.backbone.weights=null``,
+``model.detector.backbone.name=resnet<depth>``, ``model.detector.backbone.weights=null``,
 ``model.detector.fixed_size=[600,600]``, ``data.classes=ebba5``), the loss comes from
 ``effective_loss_config`` + ``build_loss`` (``loss=auto``: cross-entropy for faster_rcnn
 and baf, SDFL for ebba) and the model from ``model_config`` with the datamodule's
@@ -114,7 +114,7 @@ def compose_config(model: str, depth: int, root: Path) -> DictConfig:
         f"data.root='{root}'",
         "data.batch_size=1",
         f"data.image_size={INPUT_SIZE}",
-        f"model.detector.backbone.depth={depth}",
+        f"model.detector.backbone.name=resnet{depth}",
         "model.detector.backbone.weights=null",
         f"model.detector.fixed_size=[{INPUT_SIZE},{INPUT_SIZE}]",
     ]

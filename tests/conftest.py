@@ -235,7 +235,7 @@ def fast_data_overrides(
 
 # What makes any detector small enough for a CPU test: ResNet-18, 64-px inputs, few proposals.
 FAST_DETECTOR_OVERRIDES = [
-    "model.detector.backbone.depth=18",
+    "model.detector.backbone.name=resnet18",
     "model.detector.min_size=64",
     "model.detector.max_size=64",
     "model.detector.fixed_size=null",
@@ -262,6 +262,23 @@ def fast_model_overrides(model: str) -> list[str]:
     if "base_channels" in spec:  # the reconstruction models (ganae, autoencoder): tiny networks
         fast += ["model.image_size=32", "model.base_channels=4"]
     return fast
+
+
+def backbone_overrides(model: str, name: str, weights: str | None) -> list[str]:
+    """Overrides that give every CNN of ``conf/model/<model>.yaml`` the registry backbone
+    ``name`` with ``weights`` (the classifier's ``net``, PaDiM's, a detector's body)."""
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.load(CONFIG_DIR / "model" / f"{model}.yaml")
+    value = "null" if weights is None else weights
+    out = []
+    if "net" in spec:
+        out += [f"model.net.arch={name}", f"model.net.weights={value}"]
+    if "padim" in spec:
+        out += [f"model.padim.backbone={name}", f"model.padim.weights={value}"]
+    if "detector" in spec:
+        out += [f"model.detector.backbone.name={name}", f"model.detector.backbone.weights={value}"]
+    return out
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -55,7 +55,7 @@ TINY_DETECTOR = {
 }
 # the same, as overrides of conf/model/faster_rcnn.yaml
 TINY_OVERRIDES = [
-    "model.detector.backbone.depth=18",
+    "model.detector.backbone.name=resnet18",
     "model.detector.neck.out_channels=32",
     "model.detector.anchor_sizes=[[16],[32],[64],[128],[256]]",
     "model.detector.min_size=96",
@@ -413,7 +413,11 @@ def test_pvel_experiment_has_the_ebba_paper_settings(make_cfg) -> None:
         [0.6, 0.2, 0.2],
         1,
     )
-    assert list(det.fixed_size) == [600, 600] and det.backbone.depth == 101 and det.backbone.weights is None
+    assert (
+        list(det.fixed_size) == [600, 600]
+        and det.backbone.name == "resnet101"
+        and det.backbone.weights is None
+    )
     assert det.rpn_fg_iou_thresh == 0.7 and det.box_detections_per_img == 1000
     assert cfg.model.optimizer.lr == 0.001 and list(cfg.model.scheduler.milestones) == [15000, 30000]
     assert cfg.model.scheduler_interval == "step" and cfg.trainer.max_steps >= 30000

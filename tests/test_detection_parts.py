@@ -16,8 +16,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import DeformConv2d
 
 from elinspect.losses import FocalLoss
+from elinspect.models.backbones.resnet import DeformableConv2d, build_resnet_body
 from elinspect.models.detection.backbone_with_neck import BackboneWithNeck
-from elinspect.models.detection.backbones import DeformableConv2d, build_resnet_body
 from elinspect.models.detection.builder import build_faster_rcnn
 from elinspect.models.detection.necks import NECKS, build_neck, register_neck
 from elinspect.models.detection.roi_heads import LOSS_KEYS, LossRoIHeads, detection_losses

