@@ -158,6 +158,20 @@ def test_stage_one_fits_padim_and_the_heatmap_scale_only(semacnn_stage_one) -> N
     assert not any(p.requires_grad for p in module.padim.parameters())
 
 
+def test_the_heatmap_scale_comes_from_unaugmented_training_normals() -> None:
+    """The scale is a statistic of training maps applied to unaugmented test maps: it is taken
+    from ``image_unaugmented`` (the evaluation transform), not from the augmented image."""
+    torch.manual_seed(0)
+    plain = next(iter(toy_loader(8, seed=0)))["image"]
+    module = semacnn(scale_images=8)
+    module.padim.update(plain)
+    module.padim.finalize(module.eps)
+    batch = {"image": plain.flip(-1) * 0.3, "image_unaugmented": plain, "label": torch.zeros(8).long()}
+    module._keep_for_scale(batch)
+    assert torch.equal(torch.cat(module._scale_batch), plain)
+    assert module.extra_inputs == {"unaugmented"}
+
+
 def test_a_checkpoint_between_the_stages_loads_at_stage_two(semacnn_stage_one) -> None:
     module, _, path = semacnn_stage_one
     fresh = semacnn()

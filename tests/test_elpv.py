@@ -222,3 +222,18 @@ def test_anomaly_models_fit_on_defect_free_cells_only_at_the_033_threshold() -> 
     normal_only = datamodule(train_normal_only=True, threshold=0.33)
     rows = dm.split_rows["train"][dm.table.probability[dm.split_rows["train"]] == 0]
     assert np.array_equal(np.sort(rows), np.sort(normal_only.split_rows["train"]))
+
+
+def test_training_items_carry_their_unaugmented_image_on_request() -> None:
+    """``request_inputs({"unaugmented"})``: training items also hold the image through the
+    evaluation transform (what calibration statistics are computed on); val/test unchanged."""
+    dm = datamodule(augment={"hflip": 1.0, "vflip": 1.0, "rotate_limit": 0})
+    dm.request_inputs({"unaugmented"})
+    plain = datamodule(augment=None)
+    item, reference = dm.dataset("train")[3], plain.dataset("train")[3]
+    assert torch.equal(item["image_unaugmented"], reference["image"])
+    assert not torch.equal(item["image"], reference["image"])  # the training image itself is augmented
+    assert "image_unaugmented" not in dm.dataset("test")[0]
+    assert "image_unaugmented" not in plain.dataset("train")[0]  # only on request
+    with pytest.raises(ValueError, match="unknown extra inputs.*unaugmented"):
+        dm.request_inputs({"template"})

@@ -316,3 +316,18 @@ def test_training_on_folder_logs_a_pixel_auroc_that_follows_the_masks(
             shifted.update(maps[defective], batch["mask"][defective].roll((32, 32), dims=(-2, -1)))
     assert float(everything.compute()) == pytest.approx(metrics["test/pixel_auroc"], abs=1e-5)
     assert float(aligned.compute()) > 0.85 and float(shifted.compute()) < 0.5
+
+
+def test_training_items_carry_their_unaugmented_image_on_request(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    write_folder_dataset(root, num_normal=12, num_defect=6, seed=0)
+    kwargs = {"root": str(root), "image_size": 32, "batch_size": 4, "num_workers": 0}
+    dm = FolderDataModule(**kwargs, augment={"hflip": 1.0, "vflip": 1.0, "rotate_limit": 0})
+    dm.request_inputs({"unaugmented"})
+    dm.setup()
+    plain = FolderDataModule(**kwargs, augment=None)
+    plain.setup()
+    item, reference = dm.dataset("train")[0], plain.dataset("train")[0]
+    assert torch.equal(item["image_unaugmented"], reference["image"])
+    assert not torch.equal(item["image"], reference["image"])
+    assert "image_unaugmented" not in dm.dataset("val")[0]

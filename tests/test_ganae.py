@@ -453,3 +453,29 @@ def test_samples_callback_saves_pngs_and_logs_them_to_wandb(trained, tmp_path: P
     fake.current_epoch = 5
     callback.on_train_epoch_end(fake, module)  # not due
     assert len(recorder.logged) == 2
+
+
+def test_the_threshold_is_calibrated_on_unaugmented_training_normals(tmp_path: Path) -> None:
+    """The calibration epoch scores the training normals as the test sees them: a batch's
+    ``image_unaugmented`` (the datamodule's evaluation transform), never its augmented
+    ``image``; the threshold is the percentile of those scores, recomputed here."""
+    torch.manual_seed(0)
+    plain = torch.cat([b["image"] for b in toy_loader(24, 0, seed=0)])
+    augmented = plain.flip(-1).roll(5, dims=-2) * 0.5  # what a train-time transform might give
+    items = [
+        {"image": a, "image_unaugmented": p, "label": torch.tensor(0)}
+        for a, p in zip(augmented, plain, strict=True)
+    ]
+    module = ganae(generator_epochs=1, encoder_epochs=1)
+    assert module.extra_inputs == {"unaugmented"}  # the run builder asks the datamodule for them
+    fit = trainer(tmp_path)
+    fit.fit(module, DataLoader(items, batch_size=8), toy_loader(8, 8, seed=50))
+    with torch.no_grad():
+        plain_scores, _ = module.eval().net(plain)
+        augmented_scores, _ = module.net(augmented)
+    assert float(module.threshold) == pytest.approx(percentile_threshold(plain_scores, 95), rel=1e-4)
+    assert float(module.threshold) != pytest.approx(percentile_threshold(augmented_scores, 95), rel=1e-3)
+
+
+def test_without_calibration_nothing_extra_is_asked_of_the_data() -> None:
+    assert ganae(threshold="f1").extra_inputs == frozenset()

@@ -260,3 +260,20 @@ def test_the_default_job_is_semacnn_and_eval_reproduces_its_test_metrics(
     eval_metrics, _ = evaluate(ecfg)
     for name in ("test/acc", "test/f1", "test/auroc"):
         assert eval_metrics[name] == pytest.approx(metrics[name], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("model", "asked"), [("semacnn", {"unaugmented"}), ("ganae", {"unaugmented"}), ("classifier", set())]
+)
+def test_the_run_builder_asks_the_data_for_what_the_model_calibrates_on(
+    make_cfg, model: str, asked: set
+) -> None:
+    from elinspect.utils.build import build_datamodule_and_model
+
+    cfg = make_cfg(
+        "train.yaml", [f"model={model}", *FAST_DATA_OVERRIDES["elpv"], *fast_model_overrides(model)]
+    )
+    datamodule, _ = build_datamodule_and_model(cfg)
+    assert datamodule.requested_inputs == asked
+    batch = next(iter(datamodule.train_dataloader()))
+    assert ("image_unaugmented" in batch) == bool(asked)

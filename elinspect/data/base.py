@@ -8,7 +8,7 @@ device); workers persist across epochs whenever there are any."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, ClassVar
 
 import lightning as L
@@ -23,9 +23,28 @@ class SplitDataModule(L.LightningDataModule):
     ``num_workers`` and ``pin_memory``. The training split is shuffled; predict serves test."""
 
     collate_fn: ClassVar[Callable[[list[Any]], Any] | None] = None
+    servable_inputs: ClassVar[frozenset[str]] = frozenset({"unaugmented"})
+    """What :meth:`request_inputs` can add to the batches. ``"unaugmented"``: training items
+    also hold ``image_unaugmented``, the same image through the evaluation transform (no
+    augmentation, no offline variant), for statistics that a model computes "on the training
+    images" and then applies to unaugmented test images (GAN-AE's percentile threshold,
+    SeMaCNN's heatmap scale)."""
+
+    requested_inputs: frozenset[str] = frozenset()
 
     def dataset(self, split: str) -> Dataset:
         raise NotImplementedError
+
+    def request_inputs(self, names: Collection[str]) -> None:
+        """Serve the model's ``extra_inputs`` in every batch from now on (called by the run
+        builder before any dataloader exists)."""
+        unknown = frozenset(names) - type(self).servable_inputs
+        if unknown:
+            raise ValueError(
+                f"unknown extra inputs {sorted(unknown)}; {type(self).__name__} serves "
+                f"{sorted(type(self).servable_inputs)}"
+            )
+        self.requested_inputs = frozenset(names)
 
     def loader_settings(self) -> dict[str, Any]:
         """``num_workers``, ``pin_memory`` and ``persistent_workers`` of the loaders, with

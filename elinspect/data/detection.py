@@ -342,6 +342,7 @@ class DetectionDataModule(SplitDataModule):
     """
 
     collate_fn = detection_collate
+    servable_inputs = EXTRA_INPUTS
 
     tasks: ClassVar[frozenset[str]] = frozenset({"detection"})
     name: ClassVar[str] = "detection"
@@ -353,7 +354,7 @@ class DetectionDataModule(SplitDataModule):
         self.class_names: tuple[str, ...] = ()
         self.tally: ErrorTally | None = None
         self.normal_records: list[DetectionRecord] = []
-        self.extra_inputs: frozenset[str] = frozenset()
+        self.requested_inputs: frozenset[str] = frozenset()
 
     # ---------------------------------------------------------------- for subclasses
     def read_splits(self, tally: ErrorTally) -> tuple[dict[str, list[DetectionRecord]], list[str]]:
@@ -399,7 +400,7 @@ class DetectionDataModule(SplitDataModule):
                 f"data {self.name}: the model needs defect-free training images (normal samples), "
                 f"but the training split has none ({self.protocol})"
             )
-        self.extra_inputs = names
+        self.requested_inputs = names
 
     def _check_templates(self) -> None:
         tally = self.tally
@@ -479,8 +480,8 @@ class DetectionDataModule(SplitDataModule):
         self.setup()
         hp = self.hparams
         augment = hp.augment if split == "train" else None
-        template = "template" in self.extra_inputs
-        normal = "normal" in self.extra_inputs and split == "train"
+        template = "template" in self.requested_inputs
+        normal = "normal" in self.requested_inputs and split == "train"
         return DetectionDataset(
             self.records[split],
             image_size=hp.image_size,

@@ -208,8 +208,10 @@ class ElpvDataset(Dataset):
         augment: dict[str, float] | None = None,
         expand: int = 0,
         expand_seed: int = 0,
+        unaugmented: bool = False,
     ) -> None:
         self.table, self.rows, self.targets = table, rows, targets
+        self.unaugmented = unaugmented
         self.image_size, self.channels, self.expand, self.expand_seed = (
             image_size,
             channels,
@@ -226,6 +228,7 @@ class ElpvDataset(Dataset):
         row = int(self.rows[i // (1 + self.expand)])
         variant = i % (1 + self.expand)
         image = read_image(self.table.paths[row], grey=True)
+        plain = resize(image, self.image_size) if self.unaugmented else None
         if variant:
             image = apply_seeded(
                 self.fixed_variants, image, self.expand_seed * 1_000_003 + row * 1009 + variant
@@ -233,7 +236,7 @@ class ElpvDataset(Dataset):
         if self.augment is not None:
             image = apply_seeded(self.augment, image, sample_seed())
         image = resize(image, self.image_size)
-        return {
+        item = {
             "image": torch.from_numpy(to_tensor_layout(image, self.channels)),
             "label": torch.tensor(self.targets[row], dtype=torch.int64),
             "probability": torch.tensor(self.table.probability[row], dtype=torch.float32),
@@ -241,6 +244,9 @@ class ElpvDataset(Dataset):
             "defect_free": torch.tensor(self.table.probability[row] == 0),
             "index": row,
         }
+        if plain is not None:
+            item["image_unaugmented"] = torch.from_numpy(to_tensor_layout(plain, self.channels))
+        return item
 
 
 class ElpvDataModule(SplitDataModule):
@@ -359,5 +365,6 @@ class ElpvDataModule(SplitDataModule):
             hp.channels,
             augment=dict(hp.augment) if (train and hp.augment) else None,
             expand=hp.expand if train else 0,
+            unaugmented=train and "unaugmented" in self.requested_inputs,
             expand_seed=hp.split_seed,
         )

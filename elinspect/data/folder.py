@@ -344,8 +344,10 @@ class FolderDataset(Dataset):
         mask_threshold: float | None = None,
         augment: dict[str, float] | None = None,
         cell_crop: dict[str, int] | None = None,
+        unaugmented: bool = False,
     ) -> None:
         self.samples, self.indices = samples, [int(i) for i in indices]
+        self.unaugmented = unaugmented
         self.image_size, self.channels = image_size, channels
         self.with_masks, self.mask_threshold = with_masks, mask_threshold
         self.augment: A.Compose | None = image_augmentation(**augment) if augment else None
@@ -377,18 +379,22 @@ class FolderDataset(Dataset):
                 raise DatasetError(sample.path, f"data.cell_crop found no cell: {error}") from error
         if not self.with_masks:
             image = resize(image, size)
+            plain = image
             if self.augment is not None:
                 self.augment.set_random_seed(sample_seed())
                 image = self.augment(image=image)["image"]
         else:
             mask = np.zeros((size, size), np.uint8) if mask is None else resize_mask(mask, size)
             image = resize(image, size)
+            plain = image
             if self.augment is not None:
                 self.augment.set_random_seed(sample_seed())
                 out = self.augment(image=image, mask=mask)
                 image, mask = out["image"], out["mask"]
             item["mask"] = torch.from_numpy(np.ascontiguousarray(mask))[None]
         item["image"] = torch.from_numpy(to_tensor_layout(image, self.channels))
+        if self.unaugmented:
+            item["image_unaugmented"] = torch.from_numpy(to_tensor_layout(plain, self.channels))
         return item
 
 
@@ -524,4 +530,5 @@ class FolderDataModule(SplitDataModule):
             mask_threshold=hp.mask_threshold,
             augment=dict(hp.augment) if (train and hp.augment) else None,
             cell_crop=dict(hp.cell_crop) if hp.cell_crop is not None else None,
+            unaugmented=train and "unaugmented" in self.requested_inputs,
         )

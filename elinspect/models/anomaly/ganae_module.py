@@ -65,7 +65,7 @@ from torchmetrics.functional.classification import binary_auroc
 from elinspect.data.info import DatasetInfo
 from elinspect.losses.reconstruction import ReconstructionLoss, SsimFeatureLoss
 from elinspect.models.anomaly.ganae import GanAe, Norm, ScoreKind, critic_loss, generator_loss
-from elinspect.models.anomaly.normals import defect_free, normal_images
+from elinspect.models.anomaly.normals import defect_free, normal_images, unaugmented_normal_images
 from elinspect.models.anomaly.scoring import ThresholdedScoring
 from elinspect.models.anomaly.thresholds import (
     best_f1_threshold,
@@ -248,6 +248,8 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
             calibrate="encoder" in chosen and encoder_epochs > 0 and threshold == "percentile",
         )
         self.stages = stages
+        # the calibration epoch scores the training normals as the test sees them (no augmentation)
+        self.extra_inputs = frozenset({"unaugmented"}) if self.schedule.calibrate else frozenset()
         self.generator_ckpt = generator_ckpt
         self.gp_lambda, self.gp_k, self.n_critic = float(gp_lambda), float(gp_k), int(n_critic)
         self.critic_optimizer_factory = critic_optimizer
@@ -376,8 +378,8 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
                 self._gan_step(x, force_generator=bool(self.trainer.fast_dev_run))
             elif stage == "encoder":
                 self._encoder_step(x)
-            elif stage == "calibrate":
-                self._calibration_step(x)
+            elif stage == "calibrate":  # the threshold's statistic: images as the test sees them
+                self._calibration_step(self.net.prepare(unaugmented_normal_images(batch)))
         self._enter("done")
 
     def _gan_step(self, x: Tensor, force_generator: bool = False) -> None:

@@ -25,3 +25,10 @@ def defect_free(batch: dict[str, Tensor]) -> Tensor:
 def normal_images(batch: dict[str, Tensor]) -> Tensor:
     """The batch's defect-free images (all of them for a batch without labels)."""
     return batch["image"][defect_free(batch)]
+
+
+def unaugmented_normal_images(batch: dict[str, Tensor]) -> Tensor:
+    """The batch's defect-free images as the evaluation transform gives them: a model that
+    computes a statistic on its training images asks the datamodule for them
+    (``extra_inputs = {"unaugmented"}``); a batch without them was not augmented."""
+    return batch.get("image_unaugmented", batch["image"])[defect_free(batch)]

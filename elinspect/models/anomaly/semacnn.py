@@ -53,7 +53,7 @@ from torch.nn import functional as F
 
 from elinspect.data.info import DatasetInfo
 from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
-from elinspect.models.anomaly.normals import normal_images
+from elinspect.models.anomaly.normals import unaugmented_normal_images
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimFitMixin
 from elinspect.models.base import ElinspectModule
@@ -84,6 +84,8 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
     """
 
     task: ClassVar[str] = "anomaly"
+    # the heatmap scale is a statistic of training images applied to unaugmented test maps
+    extra_inputs: ClassVar[frozenset[str]] = frozenset({"unaugmented"})
 
     def __init__(
         self,
@@ -193,7 +195,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
     def _keep_for_scale(self, batch: dict[str, Tensor]) -> None:
         kept = sum(len(t) for t in self._scale_batch)
         if kept < self.scale_images:
-            normal = normal_images(batch)[: self.scale_images - kept]
+            normal = unaugmented_normal_images(batch)[: self.scale_images - kept]
             if len(normal):
                 self._scale_batch.append(normal.detach())
 
