@@ -146,7 +146,7 @@ def test_keep_difficult_and_drop_empty_train(detection_data) -> None:
 
 
 def test_batches_follow_the_contract(detection_data) -> None:
-    augment = {"hflip": 0.5, "vflip": 0.5, "scale_limit": 0.2, "scale_p": 0.5}
+    augment = {"hflip": 0.5, "vflip": 0.5}
     dm = pvel(detection_data.pvel_root, augment=augment, image_size=64, resize="longer", batch_size=2)
     torch.manual_seed(0)
     seen_boxes = 0
@@ -208,12 +208,12 @@ def test_flips_map_boxes_and_pixels_on_a_hand_made_image(tmp_path: Path) -> None
 
 
 def test_augmentation_is_seeded_from_torch(detection_data) -> None:
-    augment = {"hflip": 0.5, "vflip": 0.5, "scale_limit": 0.3, "scale_p": 1.0}
+    augment = {"hflip": 0.5, "vflip": 0.5}
     dataset = pvel(detection_data.pvel_root, augment=augment).dataset("train")
     runs = []
     for seed in (0, 0, 1):
         torch.manual_seed(seed)
-        runs.append([dataset[i] for i in range(4)])
+        runs.append([dataset[i] for i in range(min(len(dataset), 12))])
     for (a, ta), (b, tb) in zip(runs[0], runs[1], strict=True):
         assert torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"])
     assert any(

@@ -366,3 +366,40 @@ def test_builder_validates_anchor_levels_and_keyword_arguments() -> None:
         small_model(anchor_sizes=((32,), (64,), (128,), (256,)))
     with pytest.raises(TypeError, match="rpn_nms_tresh"):
         small_model(rpn_nms_tresh=0.5)
+
+
+def test_multi_scale_training_changes_what_reaches_the_backbone_and_eval_does_not() -> None:
+    """A list of ``min_size`` values is multi-scale training: torchvision draws one per training
+    batch, so the backbone sees several sizes; evaluation uses one (the last)."""
+    torch.manual_seed(0)
+    model = build_faster_rcnn(
+        3,
+        {"name": "resnet18", "norm_layer": "bn"},
+        {"name": "fpn", "out_channels": 16},
+        min_size=(48, 64, 80),
+        max_size=200,
+        rpn_pre_nms_top_n_train=50,
+        rpn_post_nms_top_n_train=20,
+        box_batch_size_per_image=16,
+    )
+    sizes: list[tuple[int, int]] = []
+    model.backbone.register_forward_hook(lambda m, args, out: sizes.append(tuple(args[0].shape[-2:])))
+    image = torch.rand(3, 60, 60)
+    target = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}]
+    model.train()
+    for _ in range(12):
+        model([image], target)
+    assert len({s[0] for s in sizes}) > 1, sizes
+    sizes.clear()
+    model.eval()
+    with torch.no_grad():
+        for _ in range(4):
+            model([image])
+    assert len(set(sizes)) == 1  # min_size[-1], padded to torchvision's size_divisible
+
+
+def test_a_random_rescale_before_the_detector_is_refused_with_the_multi_scale_advice() -> None:
+    from elinspect.data.detection import detection_augmentation
+
+    with pytest.raises(ValueError, match=r"min_size=\["):
+        detection_augmentation(scale_limit=0.1)

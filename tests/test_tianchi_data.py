@@ -221,15 +221,15 @@ def test_template_gets_exactly_the_image_geometry(tmp_path: Path) -> None:
     _textured(image, 0)
     record = DetectionRecord(image, np.array([[4, 5, 20, 15]], np.float32), np.array([1]), np.array([False]))
     same = DetectionRecord(image, record.boxes, record.labels, record.difficult, template_path=image)
-    augment = detection_augmentation(hflip=0.5, vflip=0.5, scale_limit=0.3, scale_p=1.0, with_template=True)
+    augment = detection_augmentation(hflip=0.5, vflip=0.5, with_template=True)
     dataset = DetectionDataset([same], image_size=32, augment=augment, template=True)
-    shapes = set()
-    for seed in range(6):  # flips and scales vary; the template always stays the image
+    outputs = []
+    for seed in range(6):  # flips vary; the template always stays the image
         torch.manual_seed(seed)
         out, target = dataset[0]
         assert torch.equal(target["template"], out)
-        shapes.add(tuple(out.shape))
-    assert len(shapes) > 1
+        outputs.append(out)
+    assert any(not torch.equal(outputs[0], o) for o in outputs[1:])
 
     other = tmp_path / "t.png"
     _textured(other, 1)

@@ -14,7 +14,7 @@ An image without defects has ``boxes`` of shape ``(0, 4)``.
 
 Images are resized *before* they become tensors (``image_size``: the longer side, or a fixed
 square), which bounds memory for 1024-px PVEL-AD images; training augmentation (flips and
-random scale, box-aware through albumentations) is reseeded per sample from torch's
+box-aware through albumentations) is reseeded per sample from torch's
 generator, as :mod:`elinspect.data.transforms` does, so seeded runs repeat.
 
 Extra inputs (RDDN, ``rddn.txt`` §IV.A–B), switched on by :meth:`DetectionDataModule.request_inputs`
@@ -22,7 +22,7 @@ with the model's ``extra_inputs``; without a request the batch is exactly the on
 
 * ``"template"``: every target also holds ``template``, the aligned defect-free reference image
   (float32 ``3×H×W`` in [0, 1]) read, resized and augmented with exactly the image's geometry
-  (albumentations ``additional_targets``: the same flips and scale). Only datasets that ship
+  (albumentations ``additional_targets``: the same flips). Only datasets that ship
   templates (``provides_templates``: Fabric) accept it. ``template_shift: [lo, hi]`` moves the
   template by a random integer offset of lo..hi stored-image pixels in x and y (random signs,
   border replicated) in every split: the paper's pixel-gap study (§V.B, 5–10 px). The offset
@@ -146,21 +146,31 @@ def detection_augmentation(
     scale_p: float = 0.5,
     with_template: bool = False,
 ) -> A.Compose:
-    """Box-aware flips and random scale (``1 ± scale_limit``) in Pascal VOC pixel boxes.
+    """Box-aware flips in Pascal VOC pixel boxes.
 
     Boxes follow the image (a horizontal flip maps ``x1, x2`` to ``W − x2, W − x1``); the
     label fields ``labels`` and ``difficult`` travel with them. EL cells have no preferred
     orientation, so both flips are label-preserving (as the SeMaCNN paper flips cells, §2.1).
     ``with_template`` adds a second image target ``template`` that gets exactly the image's
-    flips and scale (an aligned template must stay aligned).
+    flips (an aligned template must stay aligned).
+
+    There is no random scale here: torchvision's ``GeneralizedRCNNTransform`` resizes every
+    image to the detector's ``min_size`` / ``fixed_size``, so a rescaled image reaches the
+    backbone at the same size (only blurred by an extra resampling). Multi-scale training is
+    the detector's: ``model.detector.min_size=[...]``, one size drawn per training batch.
+    ``scale_limit`` > 0 is refused with that advice.
     """
+    if scale_limit > 0 and scale_p > 0:
+        raise ValueError(
+            f"data.augment.scale_limit={scale_limit}: a random rescale before the detector does nothing "
+            "(torchvision resizes every image to model.detector.min_size / fixed_size). For multi-scale "
+            "training give the detector several sizes, e.g. model.detector.min_size=[480,560,640]"
+        )
     steps: list[A.BasicTransform] = []
     if hflip > 0:
         steps.append(A.HorizontalFlip(p=hflip))
     if vflip > 0:
         steps.append(A.VerticalFlip(p=vflip))
-    if scale_limit > 0 and scale_p > 0:
-        steps.append(A.RandomScale(scale_limit=scale_limit, interpolation=cv2.INTER_LINEAR, p=scale_p))
     bbox_params = A.BboxParams(format="pascal_voc", label_fields=["labels", "difficult"], clip=True)
     targets = {"template": "image"} if with_template else None
     return A.Compose(steps, bbox_params=bbox_params, additional_targets=targets)
