@@ -18,7 +18,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from elinspect.losses import FocalLoss
 from elinspect.models.detection.builder import build_faster_rcnn
 from elinspect.models.detection.cascade import CascadeRoIHeads
-from elinspect.models.detection.context import ContextRoIPool, context_boxes, parse_context
+from elinspect.models.detection.context import ContextRoIPool, SharedHeadContext, context_boxes, parse_context
 from elinspect.models.detection.heads import CASCADE_BBOX_REG_WEIGHTS, build_box_heads
 from elinspect.models.detection.roi_heads import LossRoIHeads
 
@@ -190,7 +190,7 @@ def test_context_options_are_validated() -> None:
     with pytest.raises(ValueError, match="unknown context options"):
         parse_context({"enabled": True, "scale": 1.5})
     assert parse_context({"enabled": False, "k": 1.5}) is None
-    assert parse_context({"k": 1.3}) == {"k": 1.3, "mode": "concat"}
+    assert parse_context({"k": 1.3}) == {"k": 1.3, "mode": "concat", "fuse_at": "fc"}
 
 
 # ----------------------------------------------------------------------------- the factory
@@ -203,10 +203,11 @@ def test_standard_head_without_context_is_returned_unchanged() -> None:
 
 
 @pytest.mark.parametrize(("mode", "factor"), [("concat", 2), ("global", 2), ("context_only", 1)])
-def test_standard_head_with_context_widens_the_box_head_and_keeps_the_rest(mode: str, factor: int) -> None:
+def test_standard_head_with_context_fused_at_roi_widens_the_box_head(mode: str, factor: int) -> None:
     loss = FocalLoss(gamma=2.0)
     heads = roi_heads(loss=loss, box_score_thresh=0.2, box_nms_thresh=0.4, box_fg_iou_thresh=0.6)
-    new = build_box_heads(heads, context={"enabled": True, "k": 1.4, "mode": mode}, representation_size=32)
+    context = {"enabled": True, "k": 1.4, "mode": mode, "fuse_at": "roi"}
+    new = build_box_heads(heads, context=context, representation_size=32)
     assert isinstance(new, LossRoIHeads) and new is not heads
     assert isinstance(new.box_roi_pool, ContextRoIPool) and new.box_roi_pool.roi_pool is heads.box_roi_pool
     assert (new.box_roi_pool.k, new.box_roi_pool.mode) == (1.4, mode)
@@ -222,6 +223,31 @@ def test_standard_head_with_context_widens_the_box_head_and_keeps_the_rest(mode:
     assert all(torch.isfinite(v) for v in losses[1].values())
 
 
+@pytest.mark.parametrize("mode", ["concat", "global"])
+def test_context_fused_at_fc_concatenates_the_shared_heads_region_features(mode: str) -> None:
+    """RDDN §IV.C: ROI and context go through the *shared* two-fc head and its two outputs
+    after activation (the "region features") are concatenated before the predictor; fc6 keeps
+    its size. The default (``fuse_at`` omitted) is this one."""
+    heads = roi_heads()
+    new = build_box_heads(heads, context={"k": 1.5, "mode": mode}, representation_size=32)
+    assert isinstance(new.box_head, SharedHeadContext)
+    mlp = new.box_head.head
+    assert mlp.fc6.in_features == C * 7 * 7 and new.box_predictor.cls_score.in_features == 2 * 32
+    pooled = new.box_roi_pool(fpn_features(), proposals(), SHAPES)
+    roi, context = pooled.split(C, dim=1)
+    expected = torch.cat([mlp(roi), mlp(context)], dim=1)
+    torch.testing.assert_close(new.box_head(pooled), expected)
+    new.train()
+    losses = new(fpn_features(), proposals(), SHAPES, targets())[1]
+    assert all(torch.isfinite(v) for v in losses.values())
+    # what fusing before fc6 would cost: fc6 doubles, here only the predictor's input does
+    wide = build_box_heads(heads, context={"k": 1.5, "mode": mode, "fuse_at": "roi"}, representation_size=32)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(wide.box_head) - count(new.box_head) == C * 7 * 7 * 32
+    with pytest.raises(ValueError, match="fuse_at"):
+        build_box_heads(heads, context={"fuse_at": "fc7"})
+
+
 def test_cascade_stages_follow_the_paper_and_cascade_r_cnn() -> None:
     loss = FocalLoss(gamma=2.0)
     heads = roi_heads(loss=loss)
@@ -233,7 +259,7 @@ def test_cascade_stages_follow_the_paper_and_cascade_r_cnn() -> None:
         assert stage.proposal_matcher.low_threshold == stage.proposal_matcher.high_threshold == iou
         assert tuple(stage.box_coder.weights) == weights
         assert isinstance(stage.box_roi_pool, ContextRoIPool)
-        assert stage.box_head.fc6.in_features == 2 * C * 49
+        assert stage.box_head.head.fc6.in_features == C * 49  # fused after the shared fc head
         assert stage.classification_loss is loss
     heads_params = [{id(p) for p in s.box_head.parameters()} for s in cascade.stages]
     assert not heads_params[0] & heads_params[1] and not heads_params[1] & heads_params[2]
@@ -269,7 +295,7 @@ def one_stage_twin(heads: LossRoIHeads, context) -> tuple[LossRoIHeads, CascadeR
         cascade_stage_weights=(1.0,),
         cascade_bbox_reg_weights=[standard.box_coder.weights],
         context=context,
-        representation_size=standard.box_head.fc7.out_features,  # 1024 for the detector's own head
+        representation_size=getattr(standard.box_head, "head", standard.box_head).fc7.out_features,
     )
     stage = cascade.stages[0]
     stage.box_head.load_state_dict(standard.box_head.state_dict())

@@ -4,9 +4,17 @@ RDDN (``rddn.txt`` §IV.C) fights *partial visual confusion* — a part of a def
 the whole defect — by giving the box head what lies around each region proposal. For a
 proposal ``r = (x, y, w, h)`` (centre and size) the context region is
 ``r_c = (x, y, k·w, k·h)``, clipped to the image, with ``k = 1.5`` the paper's best
-(Table VI: k in 1.3..1.7). Both regions are pooled by the same RoIAlign and the two feature
-maps are concatenated along the channel axis before the box head, so the head sees
-``2·C × 7 × 7`` instead of ``C × 7 × 7``.
+(Table VI: k in 1.3..1.7). Both regions are pooled by the same RoIAlign; where the two
+are joined is ``fuse_at``:
+
+- ``fc`` (the default, the paper's): both pooled maps go through the *shared* two-fc box
+  head, and its two outputs — "the output of the second fully-connected layers after
+  activation", the paper's region features — are concatenated before the classifier and
+  box regressor (:class:`SharedHeadContext`). The box head keeps its size (ResNet-50 FPN:
+  13.9 M parameters); only the predictor's input doubles, so "CR will only slightly affect
+  the R-CNN module".
+- ``roi``: the two 7×7 maps are concatenated along the channel axis before fc6, which then
+  reads ``2·C × 7 × 7`` (fc6 grows from 12.8 M to 25.7 M parameters).
 
 Variants of Table VI, chosen by ``mode``:
 
@@ -33,7 +41,8 @@ from torchvision.ops import box_convert, clip_boxes_to_image
 
 ContextMode = Literal["concat", "context_only", "global"]
 CONTEXT_MODES: tuple[str, ...] = ("concat", "context_only", "global")
-CONTEXT_KEYS = frozenset({"enabled", "k", "mode"})
+CONTEXT_KEYS = frozenset({"enabled", "k", "mode", "fuse_at"})
+FUSE_AT: tuple[str, ...] = ("fc", "roi")
 
 
 def context_boxes(boxes: Tensor, image_size: tuple[int, int], k: float) -> Tensor:
@@ -117,9 +126,32 @@ class ContextRoIPool(nn.Module):
         return f"k={self.k}, mode={self.mode!r}"
 
 
+class SharedHeadContext(nn.Module):
+    """The context reference fused after the box head (``fuse_at: fc``, RDDN §IV.C).
+
+    Takes the context pooler's ``N × (parts·C) × S × S`` maps, runs every ``C``-channel part
+    (ROI, context) through the one shared ``head`` — a single batched call — and concatenates
+    the region features: ``N × parts·R``.
+    """
+
+    def __init__(self, head: nn.Module, parts: int = 2) -> None:
+        super().__init__()
+        self.head = head
+        self.parts = int(parts)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        n, channels, height, width = pooled.shape
+        parts = pooled.reshape(n, self.parts, channels // self.parts, height, width).transpose(0, 1)
+        region = self.head(parts.reshape(self.parts * n, channels // self.parts, height, width))
+        return region.reshape(self.parts, n, -1).transpose(0, 1).reshape(n, -1)
+
+    def extra_repr(self) -> str:
+        return f"parts={self.parts}"
+
+
 def parse_context(context: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The ``context`` config (``enabled``, ``k``, ``mode``) as :class:`ContextRoIPool` kwargs, or
-    ``None`` when disabled. ``enabled`` defaults to true when the mapping is given."""
+    """The ``context`` config (``enabled``, ``k``, ``mode``, ``fuse_at``) as options, or ``None``
+    when disabled. ``enabled`` defaults to true when the mapping is given, ``fuse_at`` to fc."""
     if context is None:
         return None
     unknown = sorted(set(context) - CONTEXT_KEYS)
@@ -127,7 +159,13 @@ def parse_context(context: Mapping[str, Any] | None) -> dict[str, Any] | None:
         raise ValueError(f"unknown context options {unknown}; allowed: {sorted(CONTEXT_KEYS)}")
     if not context.get("enabled", True):
         return None
-    options = {"k": float(context.get("k", 1.5)), "mode": context.get("mode", "concat")}
+    options = {
+        "k": float(context.get("k", 1.5)),
+        "mode": context.get("mode", "concat"),
+        "fuse_at": context.get("fuse_at", "fc"),
+    }
     if options["mode"] not in CONTEXT_MODES:
         raise ValueError(f"context mode must be one of {CONTEXT_MODES}, got {options['mode']!r}")
+    if options["fuse_at"] not in FUSE_AT:
+        raise ValueError(f"context fuse_at must be one of {FUSE_AT}, got {options['fuse_at']!r}")
     return options

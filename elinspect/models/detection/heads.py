@@ -7,8 +7,9 @@ and returns the ROI heads RDDN (``rddn.txt``) asks for:
 - ``head="standard"`` without context: the heads unchanged, so a plain Faster R-CNN stays
   exactly what it was;
 - ``head="standard"`` with context: one ``LossRoIHeads`` whose pooler is a
-  :class:`~elinspect.models.detection.context.ContextRoIPool` and whose two-MLP head takes
-  the wider (ROI + context) features (RDDN §IV.C);
+  :class:`~elinspect.models.detection.context.ContextRoIPool`; the shared two-MLP head's
+  outputs of ROI and context are concatenated (``fuse_at: fc``, RDDN §IV.C) or the head
+  takes the wider pooled maps (``fuse_at: roi``);
 - ``head="cascade"``: a :class:`~elinspect.models.detection.cascade.CascadeRoIHeads` with one
   stage per IoU threshold (RDDN §III.C.3: 0.4, 0.5, 0.6), each with its own ``TwoMLPHead`` +
   ``FastRCNNPredictor`` (RDDN §III.B.4: two 1024-d FC layers, class-specific regression),
@@ -29,7 +30,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from elinspect.models.detection.cascade import CascadeRoIHeads
-from elinspect.models.detection.context import ContextRoIPool, parse_context
+from elinspect.models.detection.context import ContextRoIPool, SharedHeadContext, parse_context
 from elinspect.models.detection.roi_heads import LossRoIHeads
 
 HEADS = ("standard", "cascade")
@@ -53,10 +54,10 @@ def pooled_roi_size(roi_heads: RoIHeads) -> int:
             f"cannot read the pooled ROI size from box head {type(roi_heads.box_head).__name__}: "
             "it has no nn.Linear layer (expected torchvision's TwoMLPHead)"
         )
-    factor = (
-        roi_heads.box_roi_pool.channels_factor if isinstance(roi_heads.box_roi_pool, ContextRoIPool) else 1
+    fused_at_roi = isinstance(roi_heads.box_roi_pool, ContextRoIPool) and not isinstance(
+        roi_heads.box_head, SharedHeadContext
     )
-    return first.in_features // factor
+    return first.in_features // (roi_heads.box_roi_pool.channels_factor if fused_at_roi else 1)
 
 
 def number_of_classes(roi_heads: RoIHeads) -> int:
@@ -143,16 +144,18 @@ def build_box_heads(
     base_pool = roi_heads.box_roi_pool
     if isinstance(base_pool, ContextRoIPool):
         base_pool = base_pool.roi_pool
+    fuse_at = context_options.pop("fuse_at") if context_options is not None else "fc"
     pool = ContextRoIPool(base_pool, **context_options) if context_options is not None else base_pool
-    in_features = pooled_roi_size(roi_heads) * (
-        pool.channels_factor if isinstance(pool, ContextRoIPool) else 1
-    )
+    parts = pool.channels_factor if isinstance(pool, ContextRoIPool) else 1
+    roi_size = pooled_roi_size(roi_heads)
     num_classes = number_of_classes(roi_heads)
 
-    def new_box_modules() -> tuple[TwoMLPHead, FastRCNNPredictor]:
-        return TwoMLPHead(in_features, representation_size), FastRCNNPredictor(
-            representation_size, num_classes
-        )
+    def new_box_modules() -> tuple[nn.Module, FastRCNNPredictor]:
+        if parts > 1 and fuse_at == "fc":  # region features of ROI and context, concatenated
+            head = SharedHeadContext(TwoMLPHead(roi_size, representation_size), parts)
+            return head, FastRCNNPredictor(parts * representation_size, num_classes)
+        head = TwoMLPHead(roi_size * parts, representation_size)
+        return head, FastRCNNPredictor(representation_size, num_classes)
 
     if head == "standard":
         return loss_heads_like(roi_heads, pool, *new_box_modules())
