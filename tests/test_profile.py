@@ -158,6 +158,7 @@ def test_command_line_prints_the_parameter_and_group_tables(capsys) -> None:
     )
     out = capsys.readouterr().out
     assert "parameters of model=faster_rcnn" in out and "model.backbone" in out
+    assert "Paras" in out and "parameters and their gradients" in " ".join(out.split())
     for group in ("backbone body", "neck", "RPN", "ROI heads", "activ. MiB", "time ms"):
         assert group in out, group
 
@@ -177,3 +178,15 @@ def test_cuda_profile_reports_the_allocator_peak_of_each_group() -> None:
     assert rows["ROI heads"].peak_bytes >= 4 * 512 * 64
     assert rows[OTHER].peak_bytes is None
     assert rows["backbone body"].time_ms > 0
+
+
+def test_paper_parameter_memory_counts_weights_and_gradients() -> None:
+    """RDDN Table VIII's "Paras": ResNet-50's body (23.5 M parameters) is 179.35 MiB, i.e.
+    8 bytes per parameter (weight + gradient in float32), twice what the weights take."""
+    from elinspect.models.backbones import build_body
+    from elinspect.models.profile import mebibytes, paper_parameter_bytes
+
+    body, _ = build_body("resnet50")
+    n = sum(p.numel() for p in body.parameters())
+    assert round(n / 1e6, 1) == 23.5
+    assert mebibytes(paper_parameter_bytes(n)) == "179.35"
