@@ -253,29 +253,66 @@ def test_tr_post_rescores_any_trained_detector_and_an_identical_template_scores_
     detector = build_faster_rcnn(3, **TINY).eval()  # a model=faster_rcnn detector: no template at training
     images, targets = samples()
     templates = [t["template"] for t in targets]
-    scorer = TemplatePostScorer(detector)
+    after_nms = TemplatePostScorer(detector, stage="detections")
     with torch.no_grad():
         plain = detector(images)
-        assert all(torch.equal(a["scores"], b["scores"]) for a, b in zip(scorer(images), plain, strict=True))
-        same = scorer(images, images)
-        rescored = scorer(images, templates)
-        before_nms = TemplatePostScorer(detector, stage="proposals")(images, images)
+        assert all(
+            torch.equal(a["scores"], b["scores"]) for a, b in zip(after_nms(images), plain, strict=True)
+        )
+        same = after_nms(images, images)
+        rescored = after_nms(images, templates)
+        before_nms_same = TemplatePostScorer(detector)(images, images)  # the default: before NMS
+        before_nms = TemplatePostScorer(detector)(images, templates)
     assert sum(len(d["boxes"]) for d in plain) > 0
     for p, s, r in zip(plain, same, rescored, strict=True):
         assert len(s["scores"]) == len(p["scores"]) and s["scores"].abs().max() < 1e-4
         assert (r["scores"] <= p["scores"].max() + 1e-6).all() and r["scores"].max() > 1e-3
         assert torch.all(r["scores"][:-1] >= r["scores"][1:])  # re-sorted
-    assert all(len(d["scores"]) == 0 or d["scores"].max() < 1e-4 for d in before_nms)
+    assert all(len(d["scores"]) == 0 or d["scores"].max() < 1e-4 for d in before_nms_same)
+    assert sum(len(d["boxes"]) for d in before_nms) > 0
 
-    # the same through model.template=post, which also loads the plain detector's weights
+    # the same through model.template=post (before NMS by default), with the plain detector's weights
     torch.manual_seed(0)
     post = tiny_rddn("post").eval()
+    assert post.post_stage == "proposals"
     post.load_state_dict(detector.state_dict())
     with torch.no_grad():
-        assert all(d["scores"].abs().max() < 1e-4 for d in post(images, templates=images))
+        assert all(len(d["scores"]) == 0 or d["scores"].max() < 1e-4 for d in post(images, templates=images))
         ours = post(images, templates=templates)
-    for a, b in zip(ours, rescored, strict=True):
+    for a, b in zip(ours, before_nms, strict=True):
         assert torch.allclose(a["scores"], b["scores"], atol=1e-5)
+
+
+def test_tr_post_before_nms_works_with_the_cascade_head() -> None:
+    """Fig. 5 with a Cascade R-CNN: the stage-averaged probabilities of the last stage's boxes,
+    rescaled by the template factor of the last stage's region features, then NMS."""
+    from elinspect.models.detection.rddn.post import region_features, template_post_factor
+
+    torch.manual_seed(0)
+    detector = build_faster_rcnn(3, head="cascade", **{**TINY, "box_score_thresh": 0.0}).eval()
+    images, targets = samples()
+    templates = [t["template"] for t in targets]
+    with torch.no_grad():
+        same = TemplatePostScorer(detector)(images, images)
+        rescored = TemplatePostScorer(detector)(images, templates)
+        # recomputed by hand: the factor of every last-stage box, applied before postprocessing
+        image_list, _ = detector.transform(images)
+        template_list, _ = detector.transform(templates)
+        feats, tfeats = detector.backbone(image_list.tensors), detector.backbone(template_list.tensors)
+        proposals, _ = detector.rpn(image_list, feats)
+        heads = detector.roi_heads
+        logits, regression, boxes = heads.scores(feats, proposals, image_list.image_sizes)
+        factor = template_post_factor(
+            region_features(heads, feats, boxes, image_list.image_sizes),
+            region_features(heads, tfeats, boxes, image_list.image_sizes),
+        )
+        expected = heads.stages[-1].postprocess_detections(
+            rescaled_logits(logits, factor), regression, boxes, image_list.image_sizes
+        )[1]
+    assert all(len(d["scores"]) == 0 or d["scores"].max() < 1e-4 for d in same)
+    assert sum(len(d["scores"]) for d in rescored) > 0
+    for got, want in zip(rescored, expected, strict=True):
+        torch.testing.assert_close(got["scores"], want)
 
 
 # --- PTG ------------------------------------------------------------------------------------------

@@ -433,3 +433,28 @@ def test_tiny_detector_with_cascade_and_context_learns_one_box() -> None:
     with torch.no_grad():
         (detection,) = model([image])
     assert len(detection["boxes"]) <= model.roi_heads.detections_per_img
+
+
+def test_refined_ground_truth_boxes_are_not_passed_to_the_next_stage() -> None:
+    """Sampling adds the ground truth to each stage's proposals; the boxes refined from those
+    ground-truth copies are dropped before the next stage (which adds the ground truth itself),
+    as mmdetection's cascade does — so each stage's input holds the ground truth exactly once."""
+    torch.manual_seed(0)
+    heads = roi_heads()
+    for stage_heads in (heads,):
+        stage_heads.fg_bg_sampler.batch_size_per_image = 512  # every proposal and GT box is sampled
+    cascade = build_box_heads(heads, "cascade", representation_size=32)
+    seen: list[list[int]] = []
+    for stage in cascade.stages[1:]:
+        original = stage.select_training_samples
+
+        def spy(props, tgts, original=original):
+            seen.append([len(p) for p in props])
+            return original(props, tgts)
+
+        stage.select_training_samples = spy
+    cascade.train()
+    given = proposals()
+    cascade(fpn_features(), [p.clone() for p in given], SHAPES, targets())
+    expected = [len(p) for p in given]  # the stage-0 proposals, refined; GT copies dropped
+    assert seen == [expected, expected]

@@ -26,6 +26,11 @@ module only chains them:
 - **inference** — each stage scores its own input boxes; the class probabilities are the mean
   over stages (Cascade R-CNN's ensemble), the boxes the last stage's regression of the last
   stage's inputs.
+- **ground truth between stages** — torchvision's sampling adds every ground-truth box to a
+  stage's proposals; the sampled ground-truth boxes are dropped before the refined boxes go
+  to the next stage, which adds the ground truth itself again (mmdetection's cascade drops
+  them too, by its ``pos_is_gt`` flags). A sampled box is a ground-truth one when it equals a
+  ground-truth box of its image exactly.
 
 With a single stage this is exactly the standard head (tested).
 """
@@ -159,7 +164,11 @@ class CascadeRoIHeads(nn.Module):
             if t < last:
                 assigned = torch.cat(labels)
                 refine_as = torch.where(assigned > 0, assigned, self.best_foreground(class_logits.detach()))
-                proposals = self.refine(stage, box_regression, boxes, refine_as, image_shapes)
+                refined = self.refine(stage, box_regression, boxes, refine_as, image_shapes)
+                proposals = [
+                    r[~is_ground_truth(b, target["boxes"])]
+                    for r, b, target in zip(refined, boxes, targets, strict=True)
+                ]
         self.stage_losses = per_stage
         return totals
 
@@ -167,6 +176,20 @@ class CascadeRoIHeads(nn.Module):
         self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
         """Detections with stage-averaged class probabilities and the last stage's boxes."""
+        class_input, box_regression, boxes = self.scores(features, proposals, image_shapes)
+        det_boxes, det_scores, det_labels = self.stages[-1].postprocess_detections(
+            class_input, box_regression, boxes, image_shapes
+        )
+        return [
+            {"boxes": b, "labels": lab, "scores": s}
+            for b, s, lab in zip(det_boxes, det_scores, det_labels, strict=True)
+        ]
+
+    def scores(
+        self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """What the last stage's ``postprocess_detections`` takes: class logits (the log of the
+        stage-averaged probabilities), the last stage's box regression and its input boxes."""
         stage_logits = []
         boxes = proposals
         box_regression = None
@@ -184,11 +207,11 @@ class CascadeRoIHeads(nn.Module):
             # postprocess_detections applies softmax; softmax(log p) = p for probabilities p
             mean_probs = torch.stack([F.softmax(x, dim=-1) for x in stage_logits]).mean(dim=0)
             class_input = mean_probs.clamp_min(torch.finfo(mean_probs.dtype).tiny).log()
-        final = self.stages[-1]
-        det_boxes, det_scores, det_labels = final.postprocess_detections(
-            class_input, box_regression, boxes, image_shapes
-        )
-        return [
-            {"boxes": b, "labels": lab, "scores": s}
-            for b, s, lab in zip(det_boxes, det_scores, det_labels, strict=True)
-        ]
+        return class_input, box_regression, boxes
+
+
+def is_ground_truth(boxes: Tensor, gt_boxes: Tensor) -> Tensor:
+    """A mask over ``boxes``: those equal to one of ``gt_boxes`` (the ones sampling added)."""
+    if not len(gt_boxes) or not len(boxes):
+        return torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+    return (boxes[:, None, :] == gt_boxes[None, :, :].to(boxes)).all(dim=-1).any(dim=1)

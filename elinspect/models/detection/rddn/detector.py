@@ -105,7 +105,7 @@ class RddnFasterRCNN(GeneralizedRCNN):
         generators: PseudoTemplateGenerator | None = None,
         ptg_loss_weight: float = 1.0,
         detach_normal: bool = True,
-        post_stage: PostStage = "detections",
+        post_stage: PostStage = "proposals",
         post_features: PostFeatures = "box_head",
     ) -> None:
         super().__init__(backbone, rpn, roi_heads, transform)
@@ -174,7 +174,7 @@ class RddnFasterRCNN(GeneralizedRCNN):
             generators=generators,
             ptg_loss_weight=float(ptg.get("loss_weight", 1.0)),
             detach_normal=bool(ptg.get("detach_normal", True)),
-            post_stage=post.get("stage", "detections"),
+            post_stage=post.get("stage", "proposals"),
             post_features=post.get("features", "box_head"),
         )
 

@@ -15,12 +15,14 @@ feature, with a Cascade R-CNN the last stage's. ``features="roi_align"`` uses th
 RoIAlign output instead; its cosine can be negative and is clipped at 0, so the factor
 stays in [0, 1].
 
-Where: ``stage="detections"`` (default) rescores the final detections (after the score
-threshold, NMS and the per-image cap) — it works with every head and every detector;
-``stage="proposals"`` follows Fig. 5 literally ("the cosine distance … will be combined with
-the classification score to perform NMS"): every proposal's class probabilities are rescaled
-*before* torchvision's ``postprocess_detections`` (score threshold, per-class NMS, top-k);
-it needs the standard (non-cascade) box head.
+Where: ``stage="proposals"`` (the default) follows Fig. 5 ("the cosine distance … will be
+combined with the classification score to perform NMS"): every proposal's class
+probabilities are rescaled *before* torchvision's ``postprocess_detections`` (score
+threshold, per-class NMS, top-k) — for a Cascade R-CNN the stage-averaged probabilities of
+the last stage's boxes, compared at the last stage's region features. ``stage="detections"``
+rescores the final detections instead (after the score threshold, NMS and the cap): a box
+that NMS suppressed in favour of one the template then demotes is lost, so it can only
+reorder what the plain detector returned.
 
 Use on a checkpoint trained without templates (a ``DetectionModule``, ``model=faster_rcnn``):
 ``TemplatePostScorer(module.model)(images, templates)``, or load its ``state_dict`` into a
@@ -39,6 +41,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
+from elinspect.models.detection.cascade import CascadeRoIHeads
 from elinspect.models.detection.rddn.template_reference import check_references
 
 PostStage = Literal["detections", "proposals"]
@@ -136,26 +139,26 @@ def rescore_proposals(
     image_shapes: list[tuple[int, int]],
     kind: PostFeatures = "box_head",
 ) -> list[dict[str, Tensor]]:
-    """TR-Post before NMS (Fig. 5): torchvision's box-head inference with rescaled class scores."""
-    if not isinstance(roi_heads, RoIHeads):
-        raise ValueError(
-            f"TR-Post stage 'proposals' needs torchvision's standard RoIHeads, got {type(roi_heads).__name__} "
-            "(a Cascade R-CNN): use stage 'detections'"
-        )
-    pooled = roi_heads.box_roi_pool(image_features, proposals, image_shapes)
-    box_features = roi_heads.box_head(pooled)
-    class_logits, box_regression = roi_heads.box_predictor(box_features)
-    if kind == "box_head":
-        image_region = box_features
-        template_region = roi_heads.box_head(
-            roi_heads.box_roi_pool(template_features, proposals, image_shapes)
-        )
+    """TR-Post before NMS (Fig. 5): the box heads' inference with rescaled class scores (a
+    standard head's, or a Cascade R-CNN's stage-averaged scores of its last stage's boxes)."""
+    if isinstance(roi_heads, CascadeRoIHeads):
+        class_logits, box_regression, boxes = roi_heads.scores(image_features, proposals, image_shapes)
+        final = roi_heads.stages[-1]
+    elif isinstance(roi_heads, RoIHeads):
+        final, boxes = roi_heads, proposals
+        pooled = roi_heads.box_roi_pool(image_features, boxes, image_shapes)
+        class_logits, box_regression = roi_heads.box_predictor(roi_heads.box_head(pooled))
     else:
-        image_region = pooled.flatten(1)
-        template_region = roi_heads.box_roi_pool(template_features, proposals, image_shapes).flatten(1)
-    factor = template_post_factor(image_region, template_region)
-    boxes, scores, labels = roi_heads.postprocess_detections(
-        rescaled_logits(class_logits, factor), box_regression, proposals, image_shapes
+        raise ValueError(
+            f"TR-Post stage 'proposals' needs torchvision-style RoIHeads or a Cascade R-CNN, got "
+            f"{type(roi_heads).__name__}: use stage 'detections'"
+        )
+    factor = template_post_factor(
+        region_features(roi_heads, image_features, boxes, image_shapes, kind),
+        region_features(roi_heads, template_features, boxes, image_shapes, kind),
+    )
+    boxes, scores, labels = final.postprocess_detections(
+        rescaled_logits(class_logits, factor), box_regression, boxes, image_shapes
     )
     return [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels, strict=True)]
 
@@ -164,7 +167,7 @@ def template_post_rescore(
     detector: GeneralizedRCNN,
     images: Sequence[Tensor],
     templates: Sequence[Tensor],
-    stage: PostStage = "detections",
+    stage: PostStage = "proposals",
     features: PostFeatures = "box_head",
 ) -> list[dict[str, Tensor]]:
     """Detections of a trained torchvision-style two-stage ``detector`` (eval mode), rescored by TR-Post.
@@ -215,7 +218,7 @@ class TemplatePostScorer(nn.Module):
     detector's plain output (the paper: without templates the module is simply skipped)."""
 
     def __init__(
-        self, detector: GeneralizedRCNN, stage: PostStage = "detections", features: PostFeatures = "box_head"
+        self, detector: GeneralizedRCNN, stage: PostStage = "proposals", features: PostFeatures = "box_head"
     ) -> None:
         super().__init__()
         if stage not in POST_STAGES:
