@@ -379,6 +379,24 @@ def test_ptg_reconstruction_loss_reaches_the_backbone_only_when_not_detached(det
     assert any(g is not None and g.abs().sum() > 0 for g in body_grads) is not detach_normal
 
 
+@pytest.mark.parametrize("detach_normal", [True, False])
+def test_ptg_targets_leave_the_bodys_batch_norm_statistics_alone(detach_normal: bool) -> None:
+    """Loss_g's normal-only batch is normalised by its own statistics in training mode, but the
+    running statistics (what the detector is evaluated with) are not updated by it."""
+    torch.manual_seed(0)
+    model = tiny_rddn("ptg", ptg={**TINY_PTG, "detach_normal": detach_normal}).train()
+    norms = [m for m in model.backbone.body.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms
+    before = [(m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for m in norms]
+    model.ptg_loss([texture(7), texture(8)]).backward()
+    for m, (mean, var, count) in zip(norms, before, strict=True):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+        assert int(m.num_batches_tracked) == count
+    images, targets = samples()
+    model(images, targets)  # the detection pass itself still updates them
+    assert not torch.equal(norms[0].running_mean, before[0][0])
+
+
 # --- the module: every mode trains and evaluates; references and errors ----------------------------
 
 GRID = [

@@ -31,11 +31,13 @@ The transform is a :class:`~elinspect.models.detection.rddn.template_reference.R
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
@@ -188,13 +190,15 @@ class RddnFasterRCNN(GeneralizedRCNN):
         return self.backbone.neck(self.generators.residual(self.backbone.body(images)))
 
     def ptg_loss(self, normals: Sequence[Tensor]) -> Tensor:
-        """``Loss_g`` (eq. 13) on the normal samples, transformed like training images."""
+        """``Loss_g`` (eq. 13) on the normal samples, transformed like training images.
+
+        The body's batch norms normalise the normal batch by its own statistics (as the
+        detection pass does) but keep their running statistics: a normal-only batch must not
+        pull them away from the defect images the detector is tested on.
+        """
         assert self.generators is not None
         normal_list, _ = self.transform(list(normals))
-        if self.detach_normal:
-            with torch.no_grad():
-                stages = self.backbone.body(normal_list.tensors)
-        else:
+        with kept_batch_norm_statistics(self.backbone.body), torch.set_grad_enabled(not self.detach_normal):
             stages = self.backbone.body(normal_list.tensors)
         return self.ptg_loss_weight * self.generators.reconstruction_loss(stages)
 
@@ -267,6 +271,25 @@ class RddnFasterRCNN(GeneralizedRCNN):
         if self.template == "ptg" and normals is not None:
             losses["loss_ptg"] = self.ptg_loss(normals)
         return losses
+
+
+@contextmanager
+def kept_batch_norm_statistics(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` in whatever mode it is in while its batch norms update copies of their
+    running statistics; the originals are put back afterwards, untouched (swapped, not copied
+    into: autograd may hold the copies the forward used)."""
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    originals = [{name: getattr(m, name) for name in names} for m in norms]
+    for m, buffers in zip(norms, originals, strict=True):
+        for name, tensor in buffers.items():
+            setattr(m, name, tensor.clone())
+    try:
+        yield
+    finally:
+        for m, buffers in zip(norms, originals, strict=True):
+            for name, tensor in buffers.items():
+                setattr(m, name, tensor)
 
 
 def body_output_channels(backbone: BackboneWithNeck) -> OrderedDict[str, int]:
