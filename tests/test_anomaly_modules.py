@@ -236,3 +236,26 @@ def test_heatmap_callback_saves_overlays_of_validation_images(fitted_padim, tmp_
     picture = read_image(str(pictures[0]))
     assert picture.shape == (3, 64, 128)
     assert not torch.equal(picture[:, :, :64], picture[:, :, 64:])  # the heatmap is drawn over the image
+
+
+def test_a_non_finite_score_stops_the_epoch_naming_the_images(fitted_padim) -> None:
+    """A NaN score would be dropped by the score collector while its label stays (every later
+    pair shifted); it raises instead, naming the batch's images."""
+    from elinspect.models.anomaly.scoring import NonFiniteScoreError
+
+    module, _, _ = fitted_padim
+    batch = {
+        "image": torch.zeros(3, 1, 8, 8),
+        "label": torch.tensor([0, 1, 0]),
+        "path": ["a.png", "b.png", "c.png"],
+    }
+    with pytest.raises(NonFiniteScoreError, match=r"nan.*1 image\(s\): b\.png"):
+        module.update_scoring("val", torch.tensor([0.1, float("nan"), 0.3]), batch, torch.zeros(3, 1, 8, 8))
+    with pytest.raises(NonFiniteScoreError, match=r"inf.*dataset row 12"):
+        module.update_scoring(
+            "test",
+            torch.tensor([float("inf")]),
+            {"image": torch.zeros(1, 1, 8, 8), "index": torch.tensor([12])},
+            torch.zeros(1, 1, 8, 8),
+        )
+    assert not module.scores["val"].update_called  # nothing half-collected: no score without its label

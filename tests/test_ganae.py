@@ -479,3 +479,16 @@ def test_the_threshold_is_calibrated_on_unaugmented_training_normals(tmp_path: P
 
 def test_without_calibration_nothing_extra_is_asked_of_the_data() -> None:
     assert ganae(threshold="f1").extra_inputs == frozenset()
+
+
+def test_a_non_finite_calibration_score_is_an_error_not_a_skipped_image(tmp_path: Path) -> None:
+    from elinspect.models.anomaly.scoring import NonFiniteScoreError
+
+    module = ganae(generator_epochs=1, encoder_epochs=1)
+    module.net.combine = lambda out: torch.full((len(out["x"]),), float("nan"))  # a broken score
+    items = [
+        {"image": b, "label": torch.tensor(0), "index": torch.tensor(i)}
+        for i, b in enumerate(torch.cat([b["image"] for b in toy_loader(8, 0, seed=0)]))
+    ]
+    with pytest.raises(NonFiniteScoreError, match=r"GAN-AE calibration.*dataset row 0"):
+        trainer(tmp_path).fit(module, DataLoader(items, batch_size=8))

@@ -66,7 +66,7 @@ from elinspect.data.info import DatasetInfo
 from elinspect.losses.reconstruction import ReconstructionLoss, SsimFeatureLoss
 from elinspect.models.anomaly.ganae import GanAe, Norm, ScoreKind, critic_loss, generator_loss
 from elinspect.models.anomaly.normals import defect_free, normal_images, unaugmented_normal_images
-from elinspect.models.anomaly.scoring import ThresholdedScoring
+from elinspect.models.anomaly.scoring import ThresholdedScoring, check_finite_scores
 from elinspect.models.anomaly.thresholds import (
     best_f1_threshold,
     percentile_threshold,
@@ -264,7 +264,7 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
         self.register_buffer("generator_trained", torch.tensor(False))
         self.register_buffer("critic_steps", torch.tensor(0, dtype=torch.long))
         # per-epoch collections
-        self.train_scores = CatMetric()
+        self.train_scores = CatMetric(nan_strategy="error")
         self.init_scoring()
         self._calibration_seen = 0
         self._warned_untrained = False
@@ -379,7 +379,7 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
             elif stage == "encoder":
                 self._encoder_step(x)
             elif stage == "calibrate":  # the threshold's statistic: images as the test sees them
-                self._calibration_step(self.net.prepare(unaugmented_normal_images(batch)))
+                self._calibration_step(batch)
         self._enter("done")
 
     def _gan_step(self, x: Tensor, force_generator: bool = False) -> None:
@@ -452,10 +452,14 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
             sync_dist=True,
         )
 
-    def _calibration_step(self, x: Tensor) -> None:
-        """Score the training normals with the final model (no optimiser step)."""
+    def _calibration_step(self, batch: dict[str, Tensor]) -> None:
+        """Score the batch's training normals, unaugmented, with the final model (no optimiser step)."""
+        normal = defect_free(batch)
+        x = self.net.prepare(unaugmented_normal_images(batch))
         with torch.no_grad():
-            self.train_scores.update(self.net.combine(self.net.analyse(x)))
+            scores = self.net.combine(self.net.analyse(x))
+        check_finite_scores(scores, batch, "GAN-AE calibration", selected=normal)
+        self.train_scores.update(scores)
         self._calibration_seen += len(x)
         if not self.trainer.fast_dev_run:
             count_step_without_optimizer(self.trainer)
