@@ -368,8 +368,9 @@ def make_inputs(
     generator = torch.Generator().manual_seed(seed)
     if images is None:
         shape = input_shape(loaded, family, batch_size)
-        # a different batch size for tracing shows that the exported batch axis is dynamic
-        trace_shape = (max(1, shape[0] - 1) if family.dynamic_batch else shape[0], *shape[1:])
+        # a different batch size for tracing shows that the exported batch axis is dynamic; never
+        # 1: torch.export specialises a dimension of size 1, and the graph would take batch 1 only
+        trace_shape = (shape[0] + 1 if family.dynamic_batch else shape[0], *shape[1:])
 
         def draw(s: tuple[int, ...]) -> tuple[Tensor, ...]:
             n = 2 if with_template else 1

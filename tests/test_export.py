@@ -21,6 +21,8 @@ from elinspect.export import (
     family_of,
 )
 from elinspect.inference import CheckpointError, load_model
+from elinspect.train import train
+from tests.conftest import compose_config
 from tests.test_predict import trained_checkpoint
 
 
@@ -55,7 +57,7 @@ def check_export(ckpt: Path, fmt: str, out: Path, **options) -> dict:
 def test_classifier_export_matches_pytorch(classifier_ckpt: Path, tmp_path: Path, fmt: str) -> None:
     sidecar = check_export(classifier_ckpt, fmt, tmp_path / f"classifier.{fmt}", batch_size=3)
     assert sidecar["outputs"] == ["logits", "probabilities"]
-    # traced at a batch of 2, checked at 3: the batch axis is dynamic
+    # traced at a batch of 4, checked at 3: the batch axis is dynamic
     assert sidecar["inputs"] == [
         {"name": "images", "shape": ["batch", 3, 64, 64], "dtype": "float32", "range": [0.0, 1.0]}
     ]
@@ -163,3 +165,33 @@ def test_every_family_exports(
         note = sidecar["parity"]["outputs"]["boxes"]["note"]
         assert not note.startswith("0 vs"), "no detection to compare"
         assert sidecar["label_offset"] == 1 and sidecar["inputs"][0]["shape"][:2] == [1, 3]
+
+
+DEFAULT_CONFIG_FAMILIES = [
+    "padim",
+    "semacnn",  # the default job
+    *(
+        pytest.param(m, marks=pytest.mark.slow)
+        for m in ("classifier", "ganae", "autoencoder", "faster_rcnn", "ebba", "baf", "rddn")
+    ),
+]
+
+
+@pytest.mark.parametrize("model", DEFAULT_CONFIG_FAMILIES)
+def test_a_checkpoint_of_the_default_config_exports_to_onnx(
+    model: str, tmp_path: Path, fast_data_overrides
+) -> None:
+    """Each family's own config, unchanged (only the data's location and one training batch):
+    the ONNX graph runs in onnxruntime at another batch size than the traced one, within the
+    parity tolerances. (The default job's checkpoint once failed here: traced at batch 1,
+    torch.export fixed the batch axis to 1.)"""
+    from tests.test_predict import DATA_OF, MODEL_OVERRIDES, SHORT_FIT
+
+    data = DATA_OF.get(model, "folder")
+    where = [o for o in fast_data_overrides(data) if o.startswith(("data.root", "data.image_root"))]
+    overrides = [f"model={model}", f"data={data}", *SHORT_FIT, *where, "data.num_workers=0"]
+    overrides += [o for o in MODEL_OVERRIDES.get(model, []) if "epochs" in o or "template" in o]
+    _, objects = train(compose_config("train.yaml", overrides, tmp_path / "run"))
+    ckpt = tmp_path / f"{model}.ckpt"
+    objects["trainer"].save_checkpoint(ckpt)
+    check_export(ckpt, "onnx", tmp_path / f"{model}.onnx", batch_size=2)
