@@ -68,11 +68,74 @@ def test_debug_options_compose(make_cfg, option: str) -> None:
     assert cfg.data.num_workers == 0
 
 
+EBBA_TRAINING = {  # ebba-detector.txt §4.B: 600x600, lr 0.001, x0.1 at 15k and 30k iterations, batch 1
+    "data.image_size": 600,
+    "data.batch_size": 1,
+    "model.optimizer.lr": 0.001,
+    "model.scheduler.milestones": [15000, 30000],
+    "model.detector.rpn_fg_iou_thresh": 0.7,
+    "model.detector.backbone.name": "resnet101",
+}
+EXPERIMENT_PROMISES: dict[str, tuple[set[str], dict]] = {
+    # experiment: (the keys its multirun sweeps, values of the paper it promises)
+    "ebba_ablation": ({"ebba_variant"}, {**EBBA_TRAINING, "data.classes": "ebba2"}),
+    "ebba_table4": ({"model"}, {**EBBA_TRAINING, "data.classes": "ebba2"}),
+    "ebba_table5": (
+        {"loss"},
+        {**EBBA_TRAINING, "data.classes": "ebba5", "model.detector.neck.name": "ebfpn"},
+    ),
+    "ebba_pvel": (
+        set(),
+        {**EBBA_TRAINING, "data.classes": "ebba2", "loss._target_": "ScaledDynamicFocalLoss"},
+    ),
+    "baf_pvel": (set(), {**EBBA_TRAINING, "data.classes": "ebba2"}),
+    "faster_rcnn_pvel": (set(), {**EBBA_TRAINING, "data.classes": "ebba2"}),
+    "faster_rcnn_synthetic": (set(), {"data.classes": "ebba5"}),
+    "elpv_classifier": (set(), {"data.num_folds": 4, "data.image_size": 300, "data.threshold": 0.0}),
+    "semacnn_elpv": (
+        {"data.threshold", "data.fold"},
+        {"data.num_folds": 4, "model.padim.feature_size": 64, "model.padim.k": 100, "data.expand": 10},
+    ),
+    "padim_elpv": ({"data.threshold", "data.fold"}, {"data.num_folds": 4, "model.padim.k": 100}),
+    "ganae_ablation": ({"loss", "model.score"}, {"model.score_k1": 1.0, "model.score_k2": 1.0}),
+    "rddn_paper": (set(), {"trainer.max_epochs": 24, "model.optimizer.lr": 0.01}),
+    "rddn_full": (
+        set(),
+        {
+            "model.template": "pre",
+            "model.head": "cascade",
+            "model.context.enabled": True,
+            "model.detector.backbone.name": "resnet101",
+            "model.detector.backbone.deformable_stages": [3, 4, 5],
+        },
+    ),
+    "rddn_table3": ({"data", "rddn.row"}, {"model.template": "none"}),
+    "rddn_table4": ({"rddn.row"}, {"model.head": "standard", "model.detector.backbone.name": "resnet50"}),
+    "rddn_table5": ({"data", "rddn.row"}, {}),
+    "rddn_table6": ({"data", "rddn.row"}, {"model.context.k": 1.5, "model.context.fuse_at": "fc"}),
+    "rddn_table7": ({"data", "rddn.row"}, {"model.context.enabled": True}),
+}
+
+
+def test_every_experiment_states_its_promises() -> None:
+    assert set(EXPERIMENT_PROMISES) == set(group_options("experiment"))
+
+
 @pytest.mark.parametrize("option", group_options("experiment"))
-def test_experiments_compose(make_cfg, option: str) -> None:
+def test_experiments_compose_with_the_paper_values_and_sweeps_they_promise(make_cfg, option: str) -> None:
     cfg = make_cfg("train.yaml", [f"experiment={option}"])
     hydra.utils.get_class(cfg.model._target_)
     hydra.utils.get_class(cfg.data._target_)
+    sweeps, values = EXPERIMENT_PROMISES[option]
+    assert set(cfg.hydra.sweeper.params or {}) == sweeps
+    for key, expected in values.items():
+        if key.endswith("._target_"):
+            node = effective_loss_config(cfg) if key.startswith("loss.") else OmegaConf.select(cfg, key[:-9])
+            assert node._target_.endswith(expected), (key, node._target_)
+            continue
+        got = OmegaConf.select(cfg, key, throw_on_missing=True)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert got == expected, (option, key, got)
 
 
 @pytest.mark.parametrize("option", group_options("hparams_search"))
