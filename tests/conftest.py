@@ -291,3 +291,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+def f1_threshold_by_hand(scores, labels) -> float:
+    """The F1-optimal "defective if score >= t" threshold, by brute force over the scores
+    (ties to the highest t): an independent check of the modules' threshold choice."""
+    best, best_t = -1.0, None
+    positive = [int(v) > 0 for v in labels]
+    for t in sorted({float(s) for s in scores}, reverse=True):
+        predicted = [float(s) >= t for s in scores]
+        tp = sum(p and y for p, y in zip(predicted, positive, strict=True))
+        fp = sum(p and not y for p, y in zip(predicted, positive, strict=True))
+        fn = sum(y and not p for p, y in zip(predicted, positive, strict=True))
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        if f1 > best + 1e-12:
+            best, best_t = f1, t
+    return best_t
+
+
+def f1_at(scores, labels, threshold: float) -> float:
+    """F1 of "defective if score >= threshold", by hand."""
+    predicted = [float(s) >= threshold for s in scores]
+    positive = [int(v) > 0 for v in labels]
+    tp = sum(p and y for p, y in zip(predicted, positive, strict=True))
+    wrong = sum(p != y for p, y in zip(predicted, positive, strict=True))
+    return 2 * tp / (2 * tp + wrong) if tp else 0.0

@@ -23,6 +23,7 @@ from elinspect.models.anomaly.padim_module import PadimModule
 from elinspect.models.anomaly.semacnn import SemaCnnModule
 from elinspect.models.anomaly.thresholds import best_f1_threshold
 from elinspect.models.classification import ImageClassifier
+from tests.conftest import f1_at, f1_threshold_by_hand
 from tests.test_padim import add_dark_blob, smooth_textures
 
 INFO = {"task": "classification", "class_names": ["normal", "defective"], "in_channels": 1}
@@ -109,15 +110,26 @@ def test_the_fit_is_checkpointed_by_model_checkpoint(fitted_padim) -> None:
     assert bool(state["padim.fitted"]) and "threshold" in state
 
 
-def test_validation_sets_the_threshold_and_defects_score_higher(fitted_padim) -> None:
+def scores_and_labels(module: PadimModule, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(loader)
+    with torch.no_grad():
+        scores = torch.cat([Padim.image_score(module.eval()(b["image"])) for b in batches])
+    return scores, torch.cat([b["label"] for b in batches])
+
+
+def test_validation_sets_the_f1_optimal_threshold_and_test_uses_it(fitted_padim) -> None:
     module, fit, _ = fitted_padim
     threshold = float(module.threshold)
-    assert math.isfinite(threshold)
+    val_scores, val_labels = scores_and_labels(module, toy_loader(12, seed=50))
+    assert threshold == pytest.approx(f1_threshold_by_hand(val_scores, val_labels), rel=1e-6)
     assert float(fit.callback_metrics["val/threshold"]) == pytest.approx(threshold)
     assert float(fit.callback_metrics["val/auroc"]) > 0.7
-    metrics = fit.test(module, toy_loader(12, seed=80), verbose=False)[0]
+    test_loader = toy_loader(12, seed=80)
+    metrics = fit.test(module, test_loader, verbose=False)[0]
     assert metrics["test/auroc"] > 0.7
     assert float(module.threshold) == threshold  # test uses the stored threshold, never refits it
+    test_scores, test_labels = scores_and_labels(module, test_loader)
+    assert metrics["test/f1"] == pytest.approx(f1_at(test_scores, test_labels, threshold), abs=1e-6)
 
 
 def test_threshold_and_gaussians_are_restored_from_the_checkpoint(fitted_padim) -> None:

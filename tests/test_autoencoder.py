@@ -22,6 +22,7 @@ from elinspect.models.anomaly.autoencoder import (
 )
 from elinspect.models.anomaly.autoencoder_module import AutoencoderModule
 from elinspect.models.anomaly.thresholds import otsu_threshold
+from tests.conftest import f1_at, f1_threshold_by_hand
 from tests.test_ganae import INFO, SIZE, toy_loader, trainer
 
 
@@ -126,6 +127,27 @@ def test_training_sets_otsu_thresholds_saved_in_the_state_dict_and_defects_score
     assert scores[16:].mean() > scores[:16].mean()
     out = module.predict_step({"image": images[:4], "label": torch.zeros(4)}, 0)
     assert out["masks"].dtype == torch.bool and out["masks"].shape == (4, 1, SIZE, SIZE)
+
+
+def test_the_f1_threshold_is_the_f1_optimal_one_on_validation_and_test_uses_it(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = autoencoder(threshold="f1")
+    fit = trainer(tmp_path, max_epochs=2)
+    val_loader = toy_loader(12, 12, seed=50)
+    fit.fit(module, toy_loader(32, 8, seed=0, shuffle=True), val_loader)
+    images = torch.cat([b["image"] for b in val_loader])
+    with torch.no_grad():
+        scores, _ = module.eval()(images)
+    labels = torch.cat([b["label"] for b in val_loader])
+    assert float(module.threshold) == pytest.approx(f1_threshold_by_hand(scores, labels), rel=1e-5)
+    test_loader = toy_loader(16, 16, seed=200)
+    metrics = trainer(tmp_path).test(module, test_loader, verbose=False)[0]
+    with torch.no_grad():
+        test_scores, _ = module.eval()(torch.cat([b["image"] for b in test_loader]))
+    test_labels = torch.cat([b["label"] for b in test_loader])
+    assert metrics["test/f1"] == pytest.approx(
+        f1_at(test_scores, test_labels, float(module.threshold)), abs=1e-6
+    )
 
 
 def test_ssim_loss_trains_the_autoencoder_too(tmp_path: Path) -> None:

@@ -61,11 +61,36 @@ def test_no_logger_still_writes_csv(make_cfg) -> None:
     assert [type(lg) for lg in instantiate_loggers(cfg.get("logger"), cfg.paths.output_dir)] == [CSVLogger]
 
 
+DEBUG_PROMISES = {  # what each debug option's name says, read off the Lightning trainer it builds
+    "default": {"max_epochs": 1},
+    "fdr": {"fast_dev_run": True},  # one batch of everything
+    "overfit": {"overfit_batches": 3, "max_epochs": 20},
+    "limit": {
+        "limit_train_batches": 0.01,
+        "limit_val_batches": 0.05,
+        "limit_test_batches": 0.05,
+        "max_epochs": 3,
+    },
+}
+
+
+def test_every_debug_option_states_its_promise() -> None:
+    assert set(DEBUG_PROMISES) == set(group_options("debug"))
+
+
 @pytest.mark.parametrize("option", group_options("debug"))
-def test_debug_options_compose(make_cfg, option: str) -> None:
-    cfg = make_cfg("train.yaml", [f"debug={option}"])
-    assert cfg.trainer.max_epochs >= 1
-    assert cfg.data.num_workers == 0
+def test_debug_options_set_what_their_names_say(make_cfg, option: str) -> None:
+    from elinspect.utils.build import build_trainer
+
+    cfg = make_cfg("train.yaml", [f"debug={option}", "logger=csv"])
+    assert cfg.data.num_workers == 0 and cfg.task_name == "debug"
+    trainer = build_trainer(cfg)
+    for name, expected in DEBUG_PROMISES[option].items():
+        got = getattr(trainer, name) if name != "max_epochs" else trainer.fit_loop.max_epochs
+        if name == "fast_dev_run":
+            got = bool(got)
+        assert got == expected, (option, name, got)
+    assert trainer._detect_anomaly  # every debug option checks autograd for NaN / inf
 
 
 EBBA_TRAINING = {  # ebba-detector.txt §4.B: 600x600, lr 0.001, x0.1 at 15k and 30k iterations, batch 1

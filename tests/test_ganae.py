@@ -31,7 +31,7 @@ from elinspect.models.anomaly.ganae import (
 from elinspect.models.anomaly.ganae_module import GanAeModule, Schedule
 from elinspect.models.anomaly.thresholds import percentile_threshold
 from elinspect.utils.compat import IncompatibleConfigError, check_compatible
-from tests.conftest import CONFIG_DIR
+from tests.conftest import CONFIG_DIR, f1_at, f1_threshold_by_hand
 from tests.test_padim import smooth_textures
 
 INFO = {"task": "classification", "class_names": ["normal", "defective"], "in_channels": 1}
@@ -388,6 +388,19 @@ def test_f1_threshold_is_chosen_on_validation(tmp_path: Path) -> None:
     fit.fit(module, toy_loader(16, 0, seed=0), toy_loader(8, 8, seed=50))
     assert fit.current_epoch == 2  # no calibration epoch
     assert float(fit.callback_metrics["val/threshold"]) == pytest.approx(float(module.threshold))
+    val = list(toy_loader(8, 8, seed=50))
+    with torch.no_grad():
+        scores, _ = module.eval().net(torch.cat([b["image"] for b in val]))
+    labels = torch.cat([b["label"] for b in val])
+    assert float(module.threshold) == pytest.approx(f1_threshold_by_hand(scores, labels), rel=1e-5)
+    test_loader = toy_loader(8, 8, seed=90)
+    metrics = trainer(tmp_path).test(module, test_loader, verbose=False)[0]
+    with torch.no_grad():
+        test_scores, _ = module.eval().net(torch.cat([b["image"] for b in test_loader]))
+    test_labels = torch.cat([b["label"] for b in test_loader])
+    assert metrics["test/f1"] == pytest.approx(
+        f1_at(test_scores, test_labels, float(module.threshold)), abs=1e-6
+    )
 
 
 def test_validation_returns_anomaly_maps_at_the_data_resolution(trained) -> None:
