@@ -341,6 +341,24 @@ def test_overfitting_one_image_drives_the_loss_down() -> None:
         history.append(total.item())
     final = sum(history[-5:]) / 5
     assert final < history[0] / 5, (history[0], history[-5:])
+    assert_learnt_the_box(model, image, target)
+
+
+def assert_learnt_the_box(model: nn.Module, image: torch.Tensor, target: dict[str, torch.Tensor]) -> None:
+    """After overfitting: the top detection is the box's class at IoU > 0.5, and mAP@0.5 > 0.5."""
+    from torchmetrics.detection import MeanAveragePrecision
+    from torchvision.ops import box_iou
+
+    model.eval()
+    with torch.no_grad():
+        (detection,) = model([image])
+    assert len(detection["scores"]) > 0, "no detection at all"
+    top = int(detection["scores"].argmax())
+    assert int(detection["labels"][top]) == int(target["labels"][0])
+    assert float(box_iou(detection["boxes"][top : top + 1], target["boxes"])[0, 0]) > 0.5
+    metric = MeanAveragePrecision(iou_thresholds=[0.5], backend="faster_coco_eval")
+    metric.update([detection], [target])
+    assert float(metric.compute()["map_50"]) > 0.5
 
 
 @pytest.mark.parametrize("fixed_size", [(96, 96), (96, 128)])
