@@ -119,7 +119,13 @@ EXPERIMENT_PROMISES: dict[str, tuple[set[str], dict]] = {
     "elpv_classifier": (set(), {"data.num_folds": 4, "data.image_size": 300, "data.threshold": 0.0}),
     "semacnn_elpv": (
         {"data.threshold", "data.fold"},
-        {"data.num_folds": 4, "model.padim.feature_size": 64, "model.padim.k": 100, "data.expand": 10},
+        {
+            "data.num_folds": 4,
+            "model.padim.feature_size": 64,
+            "model.padim.k": 100,
+            "data.expand": 10,
+            "model.heatmap_with_image": False,
+        },
     ),
     "padim_elpv": ({"data.threshold", "data.fold"}, {"data.num_folds": 4, "model.padim.k": 100}),
     "ganae_ablation": ({"loss", "model.score"}, {"model.score_k1": 1.0, "model.score_k2": 1.0}),
