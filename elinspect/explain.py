@@ -10,8 +10,9 @@ the map is ReLU(Σ_k α_k A_k), upsampled to the input. Implemented with a forwa
 layer (no explanation library is a dependency of elinspect); ``y`` is:
 
 * **classifiers** (``model=classifier``, SeMaCNN's heatmap classifier): the logit of
-  ``target_class`` (default: the predicted class); default layer: the last ResNet stage
-  (``net.net.layer4``).
+  ``target_class`` (default: the predicted class); default layer: the last CNN stage
+  (``net.net.layer4`` of a ResNet, ``net.net.bn2`` — ``conv_head`` with its norm and
+  activation — of an EfficientNet-Lite).
 * **detectors** (torchvision Faster R-CNN and its elinspect variants): the model runs in
   eval mode with gradients on; ``y`` is the sum, over the ``detections`` highest-scoring
   detections (of ``target_class`` if given, with score ≥ ``score_threshold``), of the
@@ -145,10 +146,18 @@ def default_layer(module: nn.Module) -> str:
     the classifier network ``net`` (SeMaCNN also holds PaDiM's backbone)."""
     if getattr(module, "task", None) == "detection":
         return "model.backbone"
-    stages = [n for n, _ in module.named_modules() if n.endswith("layer4")]
+    stages = [
+        name
+        for n, m in module.named_modules()
+        # a ResNet's last stage; an EfficientNet's last conv (conv_head) with its norm and activation
+        for name in ([n] if n.endswith("layer4") else [f"{n}.bn2"] if hasattr(m, "conv_head") else [])
+    ]
     preferred = [n for n in stages if n.startswith("net.")]
     if not (preferred or stages):
-        raise ExplainError(f"no ResNet stage (layer4) in {type(module).__name__}: give layer=<module path>")
+        raise ExplainError(
+            f"no last CNN stage (a ResNet's layer4, an EfficientNet's conv_head) in {type(module).__name__}: "
+            "give layer=<module path>"
+        )
     return (preferred or stages)[-1]
 
 

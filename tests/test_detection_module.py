@@ -409,7 +409,7 @@ def test_pvel_experiment_has_the_ebba_paper_settings(make_cfg) -> None:
     det = cfg.model.detector
     assert cfg.model._target_ == "elinspect.models.detection.DetectionModule"
     assert (cfg.data.classes, cfg.data.split, list(cfg.data.ratios), cfg.data.batch_size) == (
-        "ebba5",
+        "ebba2",  # Table 4: crack and finger
         "ratio",
         [0.6, 0.2, 0.2],
         1,
