@@ -3,6 +3,7 @@ rebuilds classifiers and detectors from their checkpoints."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -104,7 +105,8 @@ def explain_cfg(make_cfg, overrides: list[str]):
 def test_explain_a_classifier_checkpoint(make_cfg, tmp_path: Path) -> None:
     info = DatasetInfo("classification", ("normal", "defective"), 3, (5, 5))
     ckpt = tmp_path / "classifier.ckpt"
-    save_module(make_cfg, ["model=classifier", "data=elpv", "data.image_size=64"], info, ckpt)
+    resnet = ["model.net.arch=resnet18", "model.net.weights=null"]
+    save_module(make_cfg, ["model=classifier", "data=elpv", "data.image_size=64", *resnet], info, ckpt)
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     write_image(inputs / "cell_a.png", 90, 70, colour=False)
@@ -133,6 +135,17 @@ def test_explain_a_classifier_checkpoint(make_cfg, tmp_path: Path) -> None:
         Explainer(module, layer="net.nope")
     with pytest.raises(CheckpointError, match="missing.ckpt does not exist"):
         load_model(tmp_path / "missing.ckpt")
+
+
+def test_the_default_layer_of_an_efficientnet_classifier_is_its_last_conv() -> None:
+    from elinspect.explain import default_layer
+    from elinspect.models.classification import ClassifierModule, ImageClassifier
+
+    info = DatasetInfo("classification", ("normal", "defective"), 3, (5, 5))
+    net = functools.partial(ImageClassifier, arch="efficientnet_lite0", weights=None)
+    module = ClassifierModule(net, info, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    assert default_layer(module) == "net.net.bn2"  # conv_head, its norm and activation
+    assert module.get_submodule("net.net.bn2").num_features == 1280
 
 
 def test_explain_a_detector_checkpoint(make_cfg, tmp_path: Path) -> None:
@@ -190,7 +203,8 @@ def test_explain_a_detector_checkpoint(make_cfg, tmp_path: Path) -> None:
 def test_explain_command_line(make_cfg, tmp_path: Path) -> None:
     info = DatasetInfo("classification", ("normal", "defective"), 3, (5, 5))
     ckpt = tmp_path / "classifier.ckpt"
-    save_module(make_cfg, ["model=classifier", "data=elpv", "data.image_size=64"], info, ckpt)
+    resnet = ["model.net.arch=resnet18", "model.net.weights=null"]
+    save_module(make_cfg, ["model=classifier", "data=elpv", "data.image_size=64", *resnet], info, ckpt)
     source = write_image(tmp_path / "cell.png", 90, 70, colour=False)
     out = tmp_path / "explained"
     command = [
