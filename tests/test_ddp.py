@@ -412,8 +412,11 @@ def test_padim_fit_and_test_metrics_equal_under_ddp(folder_runs, strategy: str) 
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
     expected, got = logged_metrics(single), logged_metrics(ddp)
     assert got["train/normal_images"] == expected["train/normal_images"] == 12
-    for name in (*CLASSIFICATION_METRICS, "pixel_auroc"):
+    for name in CLASSIFICATION_METRICS:
         assert got[f"test/{name}"] == pytest.approx(expected[f"test/{name}"], abs=1e-6), name
+    # every pixel's score moves with the Gaussian's float sums (summed in another order across
+    # ranks, equal to rtol 1e-4 above): the pixel AUROC of 8 test maps moves in the 6th decimal
+    assert got["test/pixel_auroc"] == pytest.approx(expected["test/pixel_auroc"], abs=1e-5)
     assert_single_outputs(ddp, {"epoch_000.ckpt", "last.ckpt"})
 
 

@@ -413,3 +413,13 @@ def test_parameter_table_groups_by_module_path_and_sums_to_the_total() -> None:
     assert dict(parameter_table(model, 3))["neck.balanced_attention.level_logits"] == 4
     model.neck.top_down.requires_grad_(False)
     assert "neck.top_down" not in dict(parameter_table(model, 2, trainable_only=True))
+
+
+def test_max_pool_to_equals_adaptive_pooling_and_uses_a_plain_max_pool_when_sizes_divide() -> None:
+    from elinspect.models.detection.balanced_attention import max_pool_to
+
+    x = torch.randn(2, 3, 12, 20)
+    for size in [(6, 10), (3, 5), (12, 20), (5, 7)]:
+        torch.testing.assert_close(max_pool_to(x, size), F.adaptive_max_pool2d(x, size))
+    traced = torch.jit.trace(lambda t: max_pool_to(t, (6, 10)), x)
+    assert "adaptive_max_pool2d" not in str(traced.graph)  # what the ONNX exporter cannot translate

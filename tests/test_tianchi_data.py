@@ -369,6 +369,23 @@ def test_normal_samples_join_training_targets_only_and_repeat_with_the_seed(alum
     assert "normal" not in dm.dataset("val")[0][1] and "normal" not in dm.dataset("test")[0][1]
 
 
+def test_normal_samples_are_images_without_any_annotation(aluminum_data: dict) -> None:
+    """PTG's normal samples are images the dataset annotates nothing on (no labelme JSON): an
+    image whose only defects belong to classes left out of data.classes has no boxes, but it
+    still shows defects and is never taken as a normal sample."""
+    root = aluminum_data["root"].parent
+    full = aluminum(root)
+    first_class = full.class_names[0]
+    dm = aluminum(root, classes=[first_class])
+    unannotated = {
+        r.image_path for r in dm.records["train"] if not r.image_path.with_suffix(".json").is_file()
+    }
+    filtered_out = [r for r in dm.records["train"] if not r.num_boxes and r.image_path not in unannotated]
+    assert filtered_out, "the fixture must hold annotated images without a box of the kept class"
+    assert unannotated and {r.image_path for r in dm.normal_records} == unannotated
+    assert all(r.annotated for r in filtered_out)
+
+
 def test_normal_request_without_defect_free_training_images_is_refused(tmp_path: Path) -> None:
     summary = write_aluminum_dataset(
         tmp_path / "A", num_images=8, seed=1, width=64, height=48, normal_fraction=0

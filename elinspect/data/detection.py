@@ -438,7 +438,9 @@ class DetectionDataModule(SplitDataModule):
         records, class_names = self.read_splits(tally)
         if not hp.keep_difficult:
             records = {split: [_without_difficult(r, tally) for r in recs] for split, recs in records.items()}
-        self.normal_records = [r for r in records["train"] if not r.num_boxes]
+        # defect-free: not annotated at all (an image whose boxes were all filtered out or
+        # dropped still shows its defects, and PTG must never learn them as normal)
+        self.normal_records = [r for r in records["train"] if not r.annotated]
         if hp.drop_empty_train:
             kept = [r for r in records["train"] if r.num_boxes]
             tally.count(EMPTY_TRAIN_DROPPED, len(records["train"]) - len(kept))
@@ -525,6 +527,7 @@ def _without_difficult(record: DetectionRecord, tally: ErrorTally) -> DetectionR
         record.width,
         record.height,
         record.template_path,
+        record.annotated,
     )
 
 

@@ -215,7 +215,8 @@ class FabricDataModule(DetectionDataModule):
             tally,
             numbers=[e.number for e in entries],
         )
-        return DetectionRecord(item.image, boxes, labels, difficult, width, height, item.template)
+        annotated = bool(entries) or item.kind == "defect"
+        return DetectionRecord(item.image, boxes, labels, difficult, width, height, item.template, annotated)
 
     def template_error(self, record: DetectionRecord) -> DatasetError | None:
         """Exactly one ``template_*.jpg`` beside the image, else an error naming folder and image."""

@@ -21,7 +21,10 @@ class DetectionRecord:
     image; ``labels`` are ``(N,)`` int64 indices into the dataset's class list **starting
     at 1** (0 is torchvision's background). ``width``/``height`` are what the annotation
     declares (``None`` when it declares nothing). ``template_path`` is the aligned
-    defect-free reference image where the dataset has one (Fabric).
+    defect-free reference image where the dataset has one (Fabric). ``annotated`` says that the
+    dataset annotates a defect on the image (an annotation file or entry exists), whatever
+    boxes survive class filtering and sanitising: an image is known defect-free only when it
+    is not annotated at all (what RDDN's PTG takes its normal samples from).
     """
 
     image_path: Path
@@ -31,6 +34,7 @@ class DetectionRecord:
     width: int | None = None
     height: int | None = None
     template_path: Path | None = None
+    annotated: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.boxes)

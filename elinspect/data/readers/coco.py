@@ -82,6 +82,7 @@ class _Image:
     labels: list[int] = field(default_factory=list)
     crowd: list[bool] = field(default_factory=list)
     numbers: list[int] = field(default_factory=list)
+    annotated: bool = False  # any annotation names this image, kept or not
 
 
 def read_coco(
@@ -122,7 +123,11 @@ def read_coco(
             tally,
             numbers=entry.numbers,
         )
-        records.append(DetectionRecord(entry.path, boxes, box_labels, difficult, entry.width, entry.height))
+        records.append(
+            DetectionRecord(
+                entry.path, boxes, box_labels, difficult, entry.width, entry.height, annotated=entry.annotated
+            )
+        )
     return records, names
 
 
@@ -322,6 +327,7 @@ def _add_annotation(
         return
     if ann["image_id"] in dropped:
         return
+    entries[ann["image_id"]].annotated = True
     if ann["category_id"] in unknown:
         tally.count(UNKNOWN_CATEGORY_BOX)
         return

@@ -112,7 +112,7 @@ def read_labelme(
     boxes_arr, labels_arr, difficult = sanitize_boxes(
         boxes, box_labels, [False] * len(boxes), width, height, json_path, tally, numbers=numbers
     )
-    return DetectionRecord(image_path, boxes_arr, labels_arr, difficult, width, height)
+    return DetectionRecord(image_path, boxes_arr, labels_arr, difficult, width, height, annotated=True)
 
 
 def load_json_file(path: Path, tally: ErrorTally, reason: str) -> Any | None:

@@ -147,7 +147,10 @@ def parse_voc_xml(
     boxes_arr, labels_arr, difficult_arr = sanitize_boxes(
         boxes, labels, difficult, width, height, xml_path, tally, numbers=numbers
     )
-    return DetectionRecord(Path(image_path), boxes_arr, labels_arr, difficult_arr, width, height)
+    annotated = bool(root.findall("object"))
+    return DetectionRecord(
+        Path(image_path), boxes_arr, labels_arr, difficult_arr, width, height, annotated=annotated
+    )
 
 
 def read_voc_split(

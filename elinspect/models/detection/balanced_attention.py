@@ -30,8 +30,14 @@ from elinspect.models.detection.attention import CosineNonLocalAttention, Temper
 def max_pool_to(x: Tensor, size: Sequence[int]) -> Tensor:
     """Max-pool ``x`` to exactly ``size`` (= ``max_pool2d(x, 2)`` when the size halves exactly)."""
     size = tuple(int(s) for s in size)
-    if tuple(x.shape[-2:]) == size:
+    h, w = (int(s) for s in x.shape[-2:])
+    if (h, w) == size:
         return x
+    if h % size[0] == 0 and w % size[1] == 0:
+        # the same windows as adaptive pooling, as a plain max-pool: ONNX export (the
+        # TorchScript exporter cannot translate adaptive_max_pool2d of a traced size)
+        kernel = (h // size[0], w // size[1])
+        return F.max_pool2d(x, kernel_size=kernel, stride=kernel)
     return F.adaptive_max_pool2d(x, size)
 
 
