@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from timm.layers import FrozenBatchNormAct2d
 from torch import nn
@@ -196,7 +197,7 @@ def test_batch_norm_is_frozen_with_pretrained_weights_and_trains_from_scratch(
     weights = "imagenet"
     if name == "resnet18":  # no download here: the same weights as a local file
         weights = str(tmp_path / "r18.pth")
-        torch.save(__import__("torchvision").models.resnet18().state_dict(), weights)
+        torch.save(torchvision.models.resnet18().state_dict(), weights)
     pretrained, _ = build_body(name, weights)
     scratch, _ = build_body(name, None)
     assert any(isinstance(m, frozen_type) for m in pretrained.modules())
@@ -263,3 +264,9 @@ def test_padim_on_efficientnet_lite_uses_its_stride_4_8_16_stages() -> None:
     padim.finalize()
     maps = padim(images)
     assert maps.shape == (4, 1, 64, 64) and torch.isfinite(maps).all()
+
+
+def test_frozen_units_of_a_frozen_bn_body_are_its_live_modules() -> None:
+    body, _ = build_body("efficientnet_lite0", "imagenet", frozen_stages=2)
+    live = {id(m) for m in body.modules()}
+    assert body.frozen_units and all(id(m) in live for m in body.frozen_units)

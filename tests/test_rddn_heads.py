@@ -440,8 +440,7 @@ def test_refined_ground_truth_boxes_are_not_passed_to_the_next_stage() -> None:
     as mmdetection's cascade does — so each stage's input holds the ground truth exactly once."""
     torch.manual_seed(0)
     heads = roi_heads()
-    for stage_heads in (heads,):
-        stage_heads.fg_bg_sampler.batch_size_per_image = 512  # every proposal and GT box is sampled
+    heads.fg_bg_sampler.batch_size_per_image = 512  # every proposal and GT box is sampled
     cascade = build_box_heads(heads, "cascade", representation_size=32)
     seen: list[list[int]] = []
     for stage in cascade.stages[1:]:

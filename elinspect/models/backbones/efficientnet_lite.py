@@ -242,9 +242,10 @@ def build_lite_body(
     ``frozen_bn`` turns every batch norm into timm's frozen one (statistics and affine fixed)."""
     if norm_layer not in ("frozen_bn", "bn"):
         raise ValueError(f"norm_layer must be frozen_bn or bn, got {norm_layer!r}")
-    body = EfficientNetLiteBody(create_lite(name, weights), stages=stages, frozen=frozen_stages)
-    if norm_layer == "frozen_bn":
-        body = freeze_batch_norm_2d(body)
+    net = create_lite(name, weights)
+    if norm_layer == "frozen_bn":  # before the body keeps its frozen units: they are the live modules
+        net = freeze_batch_norm_2d(net)
+    body = EfficientNetLiteBody(net, stages=stages, frozen=frozen_stages)
     return body, list(body.channels)
 
 
