@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,33 @@ def test_resumed_run_trains_the_classifier_without_refitting(semacnn_stage_one) 
     assert optimised == {id(p) for p in resumed.net.parameters()}
     assert len(losses.losses) == 2  # epochs 1 and 2: stage 2
     assert losses.losses[-1] < losses.losses[0]
+
+
+class LearningRates(L.Callback):
+    """Records the classifier's learning rate at the start of every training epoch."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_the_schedule_starts_with_the_classifier_not_the_fit_epoch() -> None:
+    """The fit epoch takes no optimiser step, so the schedule must not step after it either:
+    torch warns ("lr_scheduler.step() before optimizer.step()") and the classifier's first
+    epoch would start part-way down the schedule. Epochs 1..N run the full T_max = N cosine."""
+    torch.manual_seed(0)
+    module = semacnn(
+        scheduler=functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=2),
+        classifier_epochs=2,
+    )
+    rates = LearningRates()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=3, callbacks=[rates]).fit(module, toy_loader(4, seed=0), toy_loader(2, seed=50))
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    assert rates.rates == pytest.approx([1e-3, 1e-3, 0.5e-3])
 
 
 def test_heatmap_with_image_feeds_two_channels(semacnn_stage_one) -> None:

@@ -41,13 +41,7 @@ def wandb_offline() -> bool:
     return not wandb_has_api_key()
 
 
-def add(*numbers: int | float) -> int | float:
-    """``${elinspect.add:${model.classifier_epochs},1}``: the sum of the arguments."""
-    return sum(numbers)
-
-
 def register() -> None:
-    OmegaConf.register_new_resolver("elinspect.add", add, replace=True)
     OmegaConf.register_new_resolver("elinspect.project_root", project_root, replace=True)
     OmegaConf.register_new_resolver("elinspect.wandb_offline", wandb_offline, replace=True)
 

@@ -146,6 +146,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         self.register_buffer("heatmap_scale", torch.tensor(float("nan")))
         self._scale_batch: list[Tensor] = []  # normal images of stage 1 kept for the scale
         self._classifier_untrained = False  # set for the validation of the fit epoch
+        self._fit_epoch: int | None = None  # the epoch that fitted PaDiM (None after a resume)
 
     # ---------------------------------------------------------------------------- stages
     @property
@@ -241,6 +242,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.stage == 1:
+            self._fit_epoch = self.current_epoch
             if not self.padim._fitted:
                 self.padim_update(batch)
             self._keep_for_scale(batch)
@@ -265,6 +267,14 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
             optimizer_closure()
             return
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
+        """The schedule belongs to stage 2: it does not step after the fit epoch, which took no
+        optimiser step (torch warns about that order, and the classifier's first epoch would
+        start part-way down the schedule); ``T_max`` counts classifier epochs only."""
+        if self.current_epoch == self._fit_epoch:
+            return
+        super().lr_scheduler_step(scheduler, metric)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor] | None:
         if self.stage == 1:  # the sanity check before the fit
