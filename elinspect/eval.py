@@ -31,11 +31,14 @@ from elinspect.utils.build import (
     save_resolved_config,
 )
 from elinspect.utils.checkpoint import read_checkpoint
+from elinspect.utils.errors import user_errors
+from elinspect.utils.library_warnings import silence_library_warnings
 from elinspect.utils.outputs import ensure_writable_dir
 from elinspect.utils.rich_utils import metrics_table
-from elinspect.utils.task import extras, task_wrapper
+from elinspect.utils.task import extras, print_config, task_wrapper
 
 log = logging.getLogger(__name__)
+silence_library_warnings()
 
 
 def apply_stored_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[str]) -> None:
@@ -73,6 +76,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     save_resolved_config(cfg, cfg.paths.output_dir)
     datamodule, model = build_datamodule_and_model(cfg)
     trainer = build_trainer(cfg)
+    print_config(cfg)
     trainer.test(model=model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if rank_zero_only.rank == 0:  # every DDP rank holds the synchronised metrics; one prints them
@@ -88,8 +92,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval.yaml")
 def main(cfg: DictConfig) -> None:
-    extras(cfg)
-    evaluate(cfg)
+    with user_errors(cfg):
+        extras(cfg)
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

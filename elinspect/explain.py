@@ -58,15 +58,19 @@ from elinspect.data.detection import resize_with_boxes
 from elinspect.data.images import read_image, to_tensor_layout
 from elinspect.data.transforms import resize
 from elinspect.inference import load_model
-from elinspect.utils.task import extras
+from elinspect.utils.checkpoint import read_checkpoint
+from elinspect.utils.errors import UserError, user_errors
+from elinspect.utils.library_warnings import silence_library_warnings
+from elinspect.utils.task import extras, print_config
 
 log = logging.getLogger(__name__)
+silence_library_warnings()
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DETECTION_TARGETS = ("logit", "score")
 
 
-class ExplainError(ValueError):
+class ExplainError(UserError, ValueError):
     """What was asked cannot be explained (unknown layer or class, unsupported model)."""
 
 
@@ -491,8 +495,11 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="explain.yaml")
 def main(cfg: DictConfig) -> None:
-    extras(cfg)
-    run(cfg)
+    with user_errors(cfg):
+        extras(cfg)
+        read_checkpoint(cfg.ckpt_path, mmap=True)  # a missing or unreadable file: reported before the tree
+        print_config(cfg)
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -83,10 +83,14 @@ from elinspect.inference import (
     load_model,
 )
 from elinspect.models.anomaly.semacnn import SemaCnnModule
-from elinspect.train import OutputExistsError
-from elinspect.utils.task import extras
+from elinspect.utils.checkpoint import read_checkpoint
+from elinspect.utils.errors import user_errors
+from elinspect.utils.library_warnings import silence_library_warnings
+from elinspect.utils.outputs import OutputExistsError
+from elinspect.utils.task import extras, print_config
 
 log = logging.getLogger(__name__)
+silence_library_warnings()
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 EXPORTERS = ("torchscript", "dynamo")
@@ -696,8 +700,11 @@ def export(cfg: DictConfig) -> ExportResult:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export.yaml")
 def main(cfg: DictConfig) -> None:
-    extras(cfg)
-    export(cfg)
+    with user_errors(cfg):
+        extras(cfg)
+        read_checkpoint(cfg.ckpt_path, mmap=True)  # a missing or unreadable file: reported before the tree
+        print_config(cfg)
+        export(cfg)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from elinspect.data.transforms import resize
 from elinspect.models.base import CHECKPOINT_KEY, ElinspectModule
 from elinspect.utils.build import build_loss, effective_loss_config, model_config
 from elinspect.utils.checkpoint import CheckpointError, describe_foreign, read_checkpoint
+from elinspect.utils.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ __all__ = [
 ]
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """The input of a prediction run names nothing usable (no such path, no image in it)."""
 
 
@@ -376,7 +377,7 @@ class TemplateFinder:
 
     def __init__(self, rule: str | None = None, csv_path: str | Path | None = None) -> None:
         if (rule is None) == (csv_path is None):
-            raise ValueError(
+            raise ConfigError(
                 "this model takes an aligned template beside every image: set exactly one of "
                 "template.rule (a glob in the image's directory such as 'template_*.jpg', Tianchi Fabric's "
                 "layout, or a format such as '{stem}_template{suffix}') and template.csv (columns image,template)"

@@ -64,10 +64,14 @@ from elinspect.inference import (
     run_batch,
     to_record,
 )
-from elinspect.train import OutputExistsError
-from elinspect.utils.task import extras
+from elinspect.utils.checkpoint import read_checkpoint
+from elinspect.utils.errors import user_errors
+from elinspect.utils.library_warnings import silence_library_warnings
+from elinspect.utils.outputs import OutputExistsError
+from elinspect.utils.task import extras, print_config
 
 log = logging.getLogger(__name__)
+silence_library_warnings()
 
 SUMMARY_FIELDS = ("path", "status", "reason", "detections", "label", "class_name", "score")
 
@@ -323,8 +327,11 @@ def predict(cfg: DictConfig) -> PredictionSummary:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict.yaml")
 def main(cfg: DictConfig) -> None:
-    extras(cfg)
-    predict(cfg)
+    with user_errors(cfg):
+        extras(cfg)
+        read_checkpoint(cfg.ckpt_path, mmap=True)  # a missing or unreadable file: reported before the tree
+        print_config(cfg)
+        predict(cfg)
 
 
 if __name__ == "__main__":

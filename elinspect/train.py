@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,33 +42,18 @@ from elinspect.utils.build import (
     save_resolved_config,
 )
 from elinspect.utils.checkpoint import check_checkpoint
-from elinspect.utils.outputs import ensure_writable_dir
+from elinspect.utils.errors import UserError, user_errors
+from elinspect.utils.library_warnings import silence_library_warnings
+from elinspect.utils.outputs import ensure_writable_dir, guard_output_dir
 from elinspect.utils.rich_utils import metrics_table
-from elinspect.utils.task import extras, is_multirun, metric_value, task_wrapper
+from elinspect.utils.task import extras, is_multirun, metric_value, print_config, task_wrapper
 
 log = logging.getLogger(__name__)
 
-# conf/hydra/launcher/{joblib,submitit_slurm}.yaml replace the plugins' configs of the same
-# name on purpose (elinspect's defaults, every field repeated); Hydra 1.3 warns that it still
-# validates such a file against the plugin's schema ("automatic schema matching"), harmlessly.
-warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
+silence_library_warnings()
 
 
-class OutputExistsError(FileExistsError):
-    """The run directory already holds checkpoints of another run."""
-
-
-def guard_output_dir(output_dir: Path, ckpt_path: str | None) -> None:
-    """Refuse to write a new run over checkpoints already in ``output_dir``."""
-    ckpt_dir = output_dir / "checkpoints"
-    if ckpt_path is None and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
-        raise OutputExistsError(
-            f"{ckpt_dir} already holds checkpoints of an earlier run. Resume it with ckpt_path=last, "
-            "or leave hydra.run.dir at its default (a new timestamped directory)."
-        )
-
-
-class DistributedLaunchError(RuntimeError):
+class DistributedLaunchError(UserError, RuntimeError):
     """A distributed setting that cannot work with the way this job was launched."""
 
 
@@ -114,6 +98,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     datamodule, model = build_datamodule_and_model(cfg)
     trainer = build_trainer(cfg)
+    print_config(cfg)
     log_hyperparameters(trainer, model, cfg)
 
     if cfg.get("train"):
@@ -208,8 +193,9 @@ def sweeper_value(metrics: dict[str, float], name: str | None) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
-    extras(cfg)
-    metrics, _ = train(cfg)
+    with user_errors(cfg):
+        extras(cfg)
+        metrics, _ = train(cfg)
     if not cfg.get("train"):
         return None  # nothing was optimised
     return sweeper_value(metrics, cfg.get("optimized_metric"))

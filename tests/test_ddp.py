@@ -129,6 +129,7 @@ def test_only_rank_zero_prints_the_config_tree_and_asks_for_tags(
         }
     )
     task.extras(cfg)
+    task.print_config(cfg)
     assert (tmp_path / "config_tree.log").is_file() == (rank == 0)
     assert (len(asked), list(cfg.tags)) == ((1, ["a", "b"]) if rank == 0 else (0, []))
 

@@ -38,7 +38,8 @@ from elinspect.inference import (
 )
 from elinspect.models.base import CHECKPOINT_KEY
 from elinspect.predict import predict, predict_images
-from elinspect.train import OutputExistsError, train
+from elinspect.train import train
+from elinspect.utils.outputs import OutputExistsError
 from tests.conftest import REPO, compose_config, fast_model_overrides
 
 # One tiny training run per model, shared by every test module of the session that asks.

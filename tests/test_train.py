@@ -15,7 +15,7 @@ from elinspect.eval import evaluate
 from elinspect.models.anomaly.semacnn import SemaCnnModule
 from elinspect.models.backbones import EFFICIENTNET_LITES
 from elinspect.models.base import CHECKPOINT_KEY
-from elinspect.train import OutputExistsError, train
+from elinspect.train import train
 from elinspect.utils.build import effective_loss_config
 from elinspect.utils.compat import (
     IncompatibleConfigError,
@@ -24,6 +24,7 @@ from elinspect.utils.compat import (
     model_loss_kind,
     model_task,
 )
+from elinspect.utils.outputs import OutputExistsError
 from tests.conftest import FAST_DATA_OVERRIDES, backbone_overrides, fast_model_overrides, group_options
 from tests.wandb_records import history_values
 

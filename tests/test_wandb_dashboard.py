@@ -78,7 +78,7 @@ def test_a_tested_run_leaves_predictions_report_and_wandb_artifacts(
             "trainer.limit_val_batches=1",
             "trainer.limit_test_batches=3",
             "logger=wandb",
-            "callbacks.rich_progress_bar=null",
+            "callbacks.progress_bar=null",
             "callbacks.model_summary=null",
             "callbacks.model_checkpoint=null",  # the test uses the trained weights as they are
         ],

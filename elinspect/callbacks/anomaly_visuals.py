@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from elinspect.callbacks.pictures import epoch_directory, save_and_log_pictures
+from elinspect.utils.errors import ConfigError
 
 
 def heatmap_overlay(
@@ -46,9 +47,9 @@ class AnomalyHeatmapCallback(L.Callback):
     ) -> None:
         super().__init__()
         if num_images < 1 or every_n_epochs < 1:
-            raise ValueError("num_images and every_n_epochs must be >= 1")
+            raise ConfigError("num_images and every_n_epochs must be >= 1")
         if cmap not in matplotlib.colormaps:
-            raise ValueError(f"unknown matplotlib colour map {cmap!r}")
+            raise ConfigError(f"unknown matplotlib colour map {cmap!r}")
         self.num_images = num_images
         self.every_n_epochs = every_n_epochs
         self.alpha = alpha

@@ -20,6 +20,7 @@ from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
 
 from elinspect.callbacks.pictures import epoch_directory, save_and_log_pictures
+from elinspect.utils.errors import ConfigError
 
 GT_COLOUR = "lime"
 DIFFICULT_COLOUR = "yellow"
@@ -77,7 +78,7 @@ class DetectionVisualsCallback(L.Callback):
     def __init__(self, num_images: int = 4, every_n_epochs: int = 1, score_threshold: float = 0.3) -> None:
         super().__init__()
         if num_images < 1 or every_n_epochs < 1:
-            raise ValueError("num_images and every_n_epochs must be >= 1")
+            raise ConfigError("num_images and every_n_epochs must be >= 1")
         self.num_images = num_images
         self.every_n_epochs = every_n_epochs
         self.score_threshold = score_threshold

@@ -37,6 +37,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from elinspect.utils.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 OnNonFinite = Literal["raise", "skip"]
@@ -87,9 +89,9 @@ class FiniteLossGuard(L.Callback):
 
     def __init__(self, on_nonfinite: OnNonFinite = "raise", max_skips: int | None = None) -> None:
         if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+            raise ConfigError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if max_skips is not None and max_skips < 0:
-            raise ValueError(f"max_skips must be >= 0 or null, got {max_skips}")
+            raise ConfigError(f"max_skips must be >= 0 or null, got {max_skips}")
         self.on_nonfinite: OnNonFinite = on_nonfinite
         self.max_skips = max_skips
         self.skipped = 0

@@ -31,6 +31,7 @@ from torchvision.utils import make_grid
 from elinspect.callbacks.pictures import save_and_log_pictures
 from elinspect.models.anomaly.ganae import GanAe
 from elinspect.models.anomaly.normals import normal_images
+from elinspect.utils.errors import ConfigError
 
 
 @contextmanager
@@ -77,7 +78,7 @@ class GanAeSamplesCallback(L.Callback):
     def __init__(self, every_n_epochs: int = 5, num_images: int = 16, seed: int = 0) -> None:
         super().__init__()
         if every_n_epochs < 1 or num_images < 1:
-            raise ValueError("every_n_epochs and num_images must be >= 1")
+            raise ConfigError("every_n_epochs and num_images must be >= 1")
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
         self.seed = seed

@@ -53,6 +53,7 @@ from elinspect.data.info import DatasetInfo
 from elinspect.data.readers.voc import DIFFICULT_DROPPED
 from elinspect.data.records import DetectionRecord
 from elinspect.data.transforms import sample_seed
+from elinspect.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,9 @@ def fixed_size_split(num_items: int, test_size: int, val_fraction: float, seed: 
     would be a different protocol); lower ``data.test_size`` for a small set.
     """
     if test_size < 1:
-        raise ValueError(f"data.test_size must be at least 1, got {test_size}")
+        raise ConfigError(f"data.test_size must be at least 1, got {test_size}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must lie in [0, 1), got {val_fraction}")
+        raise ConfigError(f"data.val_fraction must lie in [0, 1), got {val_fraction}")
     if num_items < test_size + MIN_TRAIN:
         raise ValueError(
             f"{num_items} images cannot give a {test_size}-image test split and a training split "
@@ -129,7 +130,7 @@ def class_lookup(classes: Sequence[str], name_map: Mapping[str, str] | None) -> 
     """
     names = list(classes)
     if not names or len(set(names)) != len(names):
-        raise ValueError(f"data.classes must list distinct class names, got {names}")
+        raise ConfigError(f"data.classes must list distinct class names, got {names}")
     index: dict[str, int | None] = {name: label for label, name in enumerate(names, start=1)}
     for label, name in (name_map or {}).items():
         index[str(label)] = index.get(name)
@@ -317,7 +318,7 @@ def check_template_shift(template_shift: Sequence[int] | None) -> tuple[int, int
         return None
     values = list(template_shift)
     if len(values) != 2 or not all(float(v).is_integer() for v in values) or not 0 <= values[0] <= values[1]:
-        raise ValueError(f"data.template_shift must be [lo, hi] pixels with 0 <= lo <= hi, got {values}")
+        raise ConfigError(f"data.template_shift must be [lo, hi] pixels with 0 <= lo <= hi, got {values}")
     return int(values[0]), int(values[1])
 
 
@@ -424,7 +425,7 @@ class DetectionDataModule(SplitDataModule):
                     tally.report(error, reason=NO_TEMPLATE)
             self.records[split] = kept
         if not self.records["train"]:
-            raise ValueError(f"{self.name}: no training image has an aligned template")
+            raise ConfigError(f"{self.name}: no training image has an aligned template")
 
     # ------------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
@@ -433,7 +434,7 @@ class DetectionDataModule(SplitDataModule):
             return
         hp = self.hparams
         if hp.resize not in ("longer", "square"):
-            raise ValueError(f"data.resize must be 'longer' or 'square', got {hp.resize!r}")
+            raise ConfigError(f"data.resize must be 'longer' or 'square', got {hp.resize!r}")
         tally = ErrorTally(hp.on_error)
         records, class_names = self.read_splits(tally)
         if not hp.keep_difficult:

@@ -53,6 +53,7 @@ from elinspect.data.info import DatasetInfo
 from elinspect.data.readers.boxes import image_size, path_inside
 from elinspect.data.splits import stratified_fold_ids, stratified_holdout
 from elinspect.data.transforms import apply_seeded, image_augmentation, resize, sample_seed
+from elinspect.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +184,12 @@ def make_targets(
     if target == "four_class":
         return np.rint(probability * 3).astype(np.int64)
     if target != "binary":
-        raise ValueError(f"data.target must be binary or four_class, got {target!r}")
+        raise ConfigError(f"data.target must be binary or four_class, got {target!r}")
     if rule == "gt":
         return (probability > threshold + 1e-9).astype(np.int64)
     if rule == "ge":
         return (probability >= threshold - 1e-9).astype(np.int64)
-    raise ValueError(f"data.threshold_rule must be gt or ge, got {rule!r}")
+    raise ConfigError(f"data.threshold_rule must be gt or ge, got {rule!r}")
 
 
 class ElpvDataset(Dataset):
@@ -279,9 +280,9 @@ class ElpvDataModule(SplitDataModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
         if module_type not in ("all", *MODULE_TYPES):
-            raise ValueError(f"data.module_type must be all, mono or poly, got {module_type!r}")
+            raise ConfigError(f"data.module_type must be all, mono or poly, got {module_type!r}")
         if num_folds is not None and not 0 <= fold < num_folds:
-            raise ValueError(f"data.fold must lie in 0..{num_folds - 1}, got {fold}")
+            raise ConfigError(f"data.fold must lie in 0..{num_folds - 1}, got {fold}")
         self.table: ElpvTable | None = None
         self.split_rows: dict[str, np.ndarray] = {}
         self.targets: np.ndarray | None = None

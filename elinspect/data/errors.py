@@ -15,12 +15,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
+from elinspect.utils.errors import ConfigError, UserError
+
 OnError = Literal["raise", "skip"]
 
 log = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file is missing, unreadable or malformed. The message names the file."""
 
     def __init__(self, path: str | Path | None, problem: str) -> None:
@@ -35,7 +37,7 @@ class ErrorTally:
 
     def __init__(self, on_error: OnError = "raise") -> None:
         if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+            raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.on_error: OnError = on_error
         self.counts: Counter[str] = Counter()
 

@@ -94,6 +94,7 @@ from elinspect.data.info import DatasetInfo
 from elinspect.data.readers.boxes import image_size as header_size
 from elinspect.data.splits import stratified_holdout
 from elinspect.data.transforms import image_augmentation, resize, sample_seed
+from elinspect.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -434,18 +435,18 @@ class FolderDataModule(SplitDataModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
         if cell_crop is not None and not set(cell_crop) <= {"threshold", "close"}:
-            raise ValueError(f"data.cell_crop takes threshold and close, got {sorted(cell_crop)}")
+            raise ConfigError(f"data.cell_crop takes threshold and close, got {sorted(cell_crop)}")
         if channels not in (1, 3):
-            raise ValueError(f"data.channels must be 1 or 3, got {channels}")
+            raise ConfigError(f"data.channels must be 1 or 3, got {channels}")
         if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-            raise ValueError(
+            raise ConfigError(
                 f"data.val_fraction ({val_fraction}) and data.test_fraction ({test_fraction}) must be "
                 ">= 0 and sum to less than 1"
             )
         if not 0 <= held_out_val_fraction < 1:
-            raise ValueError(f"data.held_out_val_fraction must lie in [0, 1), got {held_out_val_fraction}")
+            raise ConfigError(f"data.held_out_val_fraction must lie in [0, 1), got {held_out_val_fraction}")
         if mask_threshold is not None and not 0 <= mask_threshold < 1:
-            raise ValueError(f"data.mask_threshold must be null or lie in [0, 1), got {mask_threshold}")
+            raise ConfigError(f"data.mask_threshold must be null or lie in [0, 1), got {mask_threshold}")
         self.samples: list[FolderSample] = []
         self.split_indices: dict[str, np.ndarray] = {}
         self.tally: ErrorTally | None = None

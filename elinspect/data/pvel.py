@@ -21,6 +21,7 @@ from elinspect.data.detection import Resize, class_list
 from elinspect.data.errors import ErrorTally, OnError
 from elinspect.data.synthetic.pvel import PVEL_CLASSES
 from elinspect.data.voc import VocLayoutDataModule
+from elinspect.utils.errors import ConfigError
 
 
 class PvelAdDataModule(VocLayoutDataModule):
@@ -59,7 +60,9 @@ class PvelAdDataModule(VocLayoutDataModule):
         sets = {"all": list(PVEL_CLASSES), **(class_sets or {})}
         if isinstance(classes, str):
             if classes not in sets:
-                raise ValueError(f"data.classes={classes!r} is not a class set; choose one of {sorted(sets)}")
+                raise ConfigError(
+                    f"data.classes={classes!r} is not a class set; choose one of {sorted(sets)}"
+                )
             names = list(sets[classes])
         else:
             names = list(classes)
@@ -67,7 +70,7 @@ class PvelAdDataModule(VocLayoutDataModule):
         if unknown:
             raise ValueError(f"classes {unknown} are not PVEL-AD classes ({', '.join(PVEL_CLASSES)})")
         if not names or len(set(names)) != len(names):
-            raise ValueError(f"data.classes must name distinct PVEL-AD classes, got {names}")
+            raise ConfigError(f"data.classes must name distinct PVEL-AD classes, got {names}")
         return names
 
     def select_classes(self, voc: Path, tally: ErrorTally) -> tuple[list[str], list[str] | None]:

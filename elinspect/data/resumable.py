@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from elinspect.utils.errors import ConfigError
+
 
 class EpochShuffleSampler(Sampler[int]):
     """A random order of ``range(num_items)`` per epoch, from a generator seeded by ``(seed, epoch)``.
@@ -99,7 +101,7 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, dataset: Dataset, *, seed: int | None = None, **kwargs: Any) -> None:
         for taken in ("shuffle", "sampler", "batch_sampler", "generator"):
             if kwargs.get(taken) is not None and kwargs.get(taken) is not False:
-                raise ValueError(f"ResumableDataLoader chooses its own order; do not pass {taken}")
+                raise ConfigError(f"ResumableDataLoader chooses its own order; do not pass {taken}")
             kwargs.pop(taken, None)
         sampler = EpochShuffleSampler(len(dataset), seed)
         generator = torch.Generator().manual_seed(sampler.seed)  # iterator base seeds, not the global RNG

@@ -35,6 +35,7 @@ from elinspect.data.readers.voc import (
     resolve_voc_root,
 )
 from elinspect.data.records import DetectionRecord
+from elinspect.utils.errors import ConfigError
 
 SplitMode = Literal["auto", "official", "ratio"]
 OVERLAP = "image in both trainval and test"
@@ -75,7 +76,7 @@ class VocLayoutDataModule(DetectionDataModule):
     def split_mode(self) -> str:
         """``official`` or ``ratio`` (``auto`` resolved by looking for the split files)."""
         if self.hparams.split not in ("auto", "official", "ratio"):
-            raise ValueError(f"data.split must be auto, official or ratio, got {self.hparams.split!r}")
+            raise ConfigError(f"data.split must be auto, official or ratio, got {self.hparams.split!r}")
         if self.hparams.split != "auto":
             return self.hparams.split
         try:
@@ -169,5 +170,5 @@ class VocDataModule(VocLayoutDataModule):
         if not names:
             raise DatasetError(voc / "Annotations", "no object names found; list the classes in data.classes")
         if len(set(names)) != len(names):
-            raise ValueError(f"data.classes repeats a name: {names}")
+            raise ConfigError(f"data.classes repeats a name: {names}")
         return names, None

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from elinspect.utils.errors import ConfigError
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -43,9 +45,9 @@ class FocalLoss(nn.Module):
     ) -> None:
         super().__init__()
         if gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma}")
+            raise ConfigError(f"gamma must be >= 0, got {gamma}")
         if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+            raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.gamma = float(gamma)
         self.reduction = reduction
         self.ignore_index = ignore_index

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from elinspect.losses.focal import REDUCTIONS, FocalLoss
+from elinspect.utils.errors import ConfigError
 
 
 def alpha_from_counts(counts: Sequence[int], m: float = 4.0, gamma: float = 2.0) -> Tensor:
@@ -72,9 +73,9 @@ class ScaledDynamicFocalLoss(nn.Module):
     ) -> None:
         super().__init__()
         if m <= 0:
-            raise ValueError(f"m must be > 0, got {m}")
+            raise ConfigError(f"m must be > 0, got {m}")
         if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+            raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.m = float(m)
         self.gamma = float(gamma)
         self.background_alpha = float(background_alpha)

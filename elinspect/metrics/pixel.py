@@ -29,6 +29,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 
+from elinspect.utils.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -58,7 +60,7 @@ class PixelAuroc(Metric):
     def __init__(self, max_size: int | None = 256, **kwargs) -> None:
         super().__init__(**kwargs)
         if max_size is not None and max_size < 1:
-            raise ValueError(f"max_size must be None or >= 1, got {max_size}")
+            raise ConfigError(f"max_size must be None or >= 1, got {max_size}")
         self.max_size = max_size
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("targets", default=[], dist_reduce_fx="cat")

@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 
+from elinspect.utils.errors import ConfigError
+
 CHECKPOINT_KEY = "elinspect"
 SCHEDULER_INTERVALS = ("epoch", "step")
 
@@ -31,7 +33,7 @@ class ElinspectModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if scheduler_interval not in SCHEDULER_INTERVALS:
-            raise ValueError(
+            raise ConfigError(
                 f"scheduler_interval must be one of {SCHEDULER_INTERVALS}, got {scheduler_interval!r}"
             )
         self.optimizer_factory = optimizer

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
+from elinspect.utils.errors import UserError
 from elinspect.utils.weights import UnsafeCheckpointError, WeightsUnavailableError, safe_torch_load
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, unreadable, unsafe or not a (fitting) elinspect checkpoint."""
 
 

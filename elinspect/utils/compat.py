@@ -17,8 +17,10 @@ from pathlib import Path
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from elinspect.utils.errors import UserError
 
-class IncompatibleConfigError(ValueError):
+
+class IncompatibleConfigError(UserError, ValueError):
     """The chosen model, data and loss cannot work together."""
 
 

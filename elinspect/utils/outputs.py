@@ -6,6 +6,7 @@ a path that runs through a file, would otherwise surface as a bare ``PermissionE
 first checkpoint after an epoch of training. :func:`ensure_writable_dir` checks at the start,
 by creating (and removing) a probe file, and fails with an :class:`OutputDirError` that names
 the directory and says what to do; nothing is written and earlier outputs stay as they are.
+Likewise a new run never writes over an earlier one's outputs (:class:`OutputExistsError`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from elinspect.utils.errors import UserError
 
-class OutputDirError(OSError):
+
+class OutputDirError(UserError, OSError):
     """The run's output directory cannot be created or written to."""
 
 
@@ -38,4 +41,18 @@ def ensure_writable_dir(path: str | Path, option: str = "paths.output_dir") -> P
     return path
 
 
-__all__ = ["OutputDirError", "ensure_writable_dir"]
+__all__ = ["OutputDirError", "OutputExistsError", "ensure_writable_dir", "guard_output_dir"]
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """An output would overwrite an earlier run's (checkpoints, predictions, an exported file)."""
+
+
+def guard_output_dir(output_dir: Path, ckpt_path: str | None) -> None:
+    """Refuse to write a new run over checkpoints already in ``output_dir``."""
+    ckpt_dir = output_dir / "checkpoints"
+    if ckpt_path is None and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        raise OutputExistsError(
+            f"{ckpt_dir} already holds checkpoints of an earlier run. Resume it with ckpt_path=last, "
+            "or leave hydra.run.dir at its default (a new timestamped directory)."
+        )

@@ -21,6 +21,8 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 
+from elinspect.utils.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
@@ -76,7 +78,7 @@ def auto_num_workers(value: int | str, processes_per_node: int = 1) -> int:
         return max(0, min(MAX_AUTO_WORKERS, per_process - 1))
     workers = int(value)
     if workers < 0:
-        raise ValueError(f"data.num_workers must be >= 0 or auto, got {value}")
+        raise ConfigError(f"data.num_workers must be >= 0 or auto, got {value}")
     return workers
 
 

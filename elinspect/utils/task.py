@@ -29,7 +29,7 @@ def is_multirun() -> bool:
 
 
 def extras(cfg: DictConfig) -> None:
-    """Optional start-of-run utilities from ``cfg.extras``."""
+    """Optional start-of-run utilities from ``cfg.extras`` (the config tree: :func:`print_config`)."""
     options = cfg.get("extras")
     if not options:
         return
@@ -44,9 +44,17 @@ def extras(cfg: DictConfig) -> None:
             tags = input("tags for this run (comma separated): ").strip()
             with open_dict(cfg):
                 cfg.tags = [t.strip() for t in tags.split(",") if t.strip()]
-    if options.get("print_config"):
-        output_dir = cfg.get("paths", {}).get("output_dir")
-        print_config_tree(cfg, save_to=Path(output_dir) / "config_tree.log" if output_dir else None)
+
+
+def print_config(cfg: DictConfig) -> None:
+    """The config tree (``extras.print_config``), printed by rank 0 and saved beside the run.
+    The entry points call it once the data and model are built, so that a user's mistake found
+    while building is reported alone (:mod:`elinspect.utils.errors`), not under the tree."""
+    options = cfg.get("extras") or {}
+    if not options.get("print_config") or rank_zero_only.rank != 0:
+        return
+    output_dir = cfg.get("paths", {}).get("output_dir")
+    print_config_tree(cfg, save_to=Path(output_dir) / "config_tree.log" if output_dir else None)
 
 
 def close_loggers() -> None:

@@ -32,10 +32,12 @@ import torch
 from torch import nn
 from torchvision.models import get_model_weights, get_weight
 
+from elinspect.utils.errors import UserError
+
 DOWNLOAD_TIMEOUT_S = 15.0
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Weights were asked for but cannot be had (no network, missing file, bad name)."""
 
 

@@ -66,6 +66,7 @@ from elinspect.data.readers.boxes import (
     sanitize_boxes,
 )
 from elinspect.data.records import DetectionRecord
+from elinspect.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -387,11 +388,11 @@ def _check_class_names(class_names: Sequence[str], known_classes: Sequence[str] 
     """``class_names`` as a list, refused when it repeats a name or leaves the known vocabulary."""
     names = list(class_names)
     if len(set(names)) != len(names):
-        raise ValueError(f"class names repeat a name: {names}")
+        raise ConfigError(f"class names repeat a name: {names}")
     if known_classes is not None:
         unknown = [n for n in names if n not in set(known_classes)]
         if unknown:
-            raise ValueError(f"classes {unknown} are not among the known classes {list(known_classes)}")
+            raise ConfigError(f"classes {unknown} are not among the known classes {list(known_classes)}")
     return names
 
 

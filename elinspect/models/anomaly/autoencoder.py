@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from torchvision.transforms.functional import gaussian_blur
 
 from elinspect.models.anomaly.ganae import fit_images
+from elinspect.utils.errors import ConfigError
 
 ImageScore = Literal["max", "mean"]
 IMAGE_SCORES: tuple[str, ...] = ("max", "mean")
@@ -58,7 +59,7 @@ class ConvAutoencoder(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 1 or image_size % 2**depth:
-            raise ValueError(f"image_size {image_size} must be divisible by 2**depth = {2**depth}")
+            raise ConfigError(f"image_size {image_size} must be divisible by 2**depth = {2**depth}")
         self.channels, self.image_size = channels, image_size
         widths = [base_channels * 2**i for i in range(depth)]
         down: list[nn.Module] = []
@@ -97,7 +98,7 @@ class AutoencoderDetector(nn.Module):
     ) -> None:
         super().__init__()
         if score not in IMAGE_SCORES:
-            raise ValueError(f"score must be one of {IMAGE_SCORES}, got {score!r}")
+            raise ConfigError(f"score must be one of {IMAGE_SCORES}, got {score!r}")
         self.autoencoder = autoencoder
         self.score_kind = score
         self.blur_sigma = float(blur_sigma)

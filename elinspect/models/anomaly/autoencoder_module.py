@@ -36,6 +36,7 @@ from elinspect.models.anomaly.normals import defect_free, normal_images
 from elinspect.models.anomaly.scoring import ThresholdedScoring
 from elinspect.models.anomaly.thresholds import best_f1_threshold, otsu_threshold, threshold_metrics
 from elinspect.models.base import ElinspectModule
+from elinspect.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class AutoencoderModule(ThresholdedScoring, ElinspectModule):
         super().__init__(optimizer, scheduler, monitor, monitor_mode)  # type: ignore[arg-type]
         info = DatasetInfo.from_dict(dataset)
         if threshold not in THRESHOLDS:
-            raise ValueError(f"model.threshold must be one of {THRESHOLDS}, got {threshold!r}")
+            raise ConfigError(f"model.threshold must be one of {THRESHOLDS}, got {threshold!r}")
         if loss is not None and not isinstance(loss, ReconstructionLoss):
             raise TypeError(
                 f"the autoencoder trains with a reconstruction loss (loss=mse_feat | ssim_feat), got {type(loss).__name__}"

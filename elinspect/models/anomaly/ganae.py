@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from elinspect.losses.reconstruction import ssim_per_image
+from elinspect.utils.errors import ConfigError
 
 Norm = Literal["batch", "none"]
 ScoreKind = Literal["mse_feat", "mse_ssim_feat"]
@@ -40,7 +41,7 @@ NUM_BLOCKS = 4
 def check_image_size(image_size: int) -> int:
     """``image_size`` must halve four times into a whole number (16, 32, 64, 128, 256…)."""
     if image_size < 16 or image_size % 2**NUM_BLOCKS:
-        raise ValueError(
+        raise ConfigError(
             f"image_size must be a multiple of {2**NUM_BLOCKS} (four residual blocks each halve or "
             f"double it), e.g. 64, 128 or 256; got {image_size}"
         )
@@ -57,9 +58,9 @@ class ResidualBlock(nn.Module):
     ) -> None:
         super().__init__()
         if resample not in ("up", "down", "none"):
-            raise ValueError(f"resample must be up, down or none, got {resample!r}")
+            raise ConfigError(f"resample must be up, down or none, got {resample!r}")
         if norm not in ("batch", "none"):
-            raise ValueError(f"norm must be batch or none, got {norm!r}")
+            raise ConfigError(f"norm must be batch or none, got {norm!r}")
         self.resample = resample
         self.norm1 = nn.BatchNorm2d(in_channels) if norm == "batch" else nn.Identity()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1)
@@ -270,9 +271,9 @@ class GanAe(nn.Module):
     ) -> None:
         super().__init__()
         if score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+            raise ConfigError(f"score must be one of {SCORES}, got {score!r}")
         if not 0 < ssim_floor <= 1:
-            raise ValueError(f"ssim_floor must lie in (0, 1], got {ssim_floor}")
+            raise ConfigError(f"ssim_floor must lie in (0, 1], got {ssim_floor}")
         self.generator, self.critic, self.encoder = generator, critic, encoder
         self.score_kind = score
         self.k1, self.k2, self.ssim_floor = float(k1), float(k2), float(ssim_floor)

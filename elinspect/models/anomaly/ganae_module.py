@@ -74,6 +74,7 @@ from elinspect.models.anomaly.thresholds import (
     to_unit_interval,
 )
 from elinspect.models.base import ElinspectModule
+from elinspect.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +194,13 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
         super().__init__(optimizer, None, monitor, monitor_mode)  # type: ignore[arg-type]
         info = DatasetInfo.from_dict(dataset)
         if stages not in STAGE_CHOICES:
-            raise ValueError(f"model.stages must be one of {sorted(STAGE_CHOICES)}, got {stages!r}")
+            raise ConfigError(f"model.stages must be one of {sorted(STAGE_CHOICES)}, got {stages!r}")
         if threshold not in THRESHOLDS:
-            raise ValueError(f"model.threshold must be one of {THRESHOLDS}, got {threshold!r}")
+            raise ConfigError(f"model.threshold must be one of {THRESHOLDS}, got {threshold!r}")
         if not 0 <= threshold_percentile <= 100:
-            raise ValueError(f"model.threshold_percentile must lie in [0, 100], got {threshold_percentile}")
+            raise ConfigError(f"model.threshold_percentile must lie in [0, 100], got {threshold_percentile}")
         if n_critic < 1 or generator_epochs < 0 or encoder_epochs < 0:
-            raise ValueError("model.n_critic must be >= 1 and the stage epochs >= 0")
+            raise ConfigError("model.n_critic must be >= 1 and the stage epochs >= 0")
         if loss is not None and not isinstance(loss, ReconstructionLoss):
             raise TypeError(
                 f"GAN-AE's encoder trains with a reconstruction loss (loss=ssim_feat | mse_feat), "

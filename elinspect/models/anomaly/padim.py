@@ -67,6 +67,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms.functional import gaussian_blur
 
 from elinspect.models.backbones import build_body
+from elinspect.utils.errors import ConfigError
 from elinspect.utils.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -189,11 +190,11 @@ class Padim(nn.Module):
     ) -> None:
         super().__init__()
         if embedding not in ("semi_orthogonal", "random_select", "none"):
-            raise ValueError(f"embedding must be semi_orthogonal, random_select or none, got {embedding!r}")
+            raise ConfigError(f"embedding must be semi_orthogonal, random_select or none, got {embedding!r}")
         if interpolation not in ("bilinear", "nearest"):
-            raise ValueError(f"interpolation must be bilinear or nearest, got {interpolation!r}")
+            raise ConfigError(f"interpolation must be bilinear or nearest, got {interpolation!r}")
         if blur_at not in ("input", "grid"):
-            raise ValueError(f"blur_at must be input or grid, got {blur_at!r}")
+            raise ConfigError(f"blur_at must be input or grid, got {blur_at!r}")
         if all(isinstance(layer, int) for layer in layers):  # registry stages
             self.extractor, _ = build_body(backbone, weights, norm_layer="bn", stages=layers)
             self.layers = tuple(str(stage - 1) for stage in layers)  # the body's output keys

@@ -58,6 +58,7 @@ from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimFitMixin
 from elinspect.models.base import ElinspectModule
 from elinspect.models.classification.module import class_outputs, classification_metrics, score_and_log
+from elinspect.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         self.scale_images = int(scale_images)
         self.heatmap_size = heatmap_size
         if classifier_epochs is not None and classifier_epochs < 1:
-            raise ValueError(f"model.classifier_epochs must be null or >= 1, got {classifier_epochs}")
+            raise ConfigError(f"model.classifier_epochs must be null or >= 1, got {classifier_epochs}")
         self.classifier_epochs = classifier_epochs
         self.net = net(num_classes=info.num_classes, in_channels=2 if heatmap_with_image else 1)
         self.loss = loss if loss is not None else nn.CrossEntropyLoss()

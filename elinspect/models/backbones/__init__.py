@@ -30,6 +30,7 @@ from torch import nn
 
 from elinspect.models.backbones.efficientnet_lite import WEIGHT_PACKAGES, build_lite_body, lite_classifier
 from elinspect.models.backbones.resnet import RESNET_DEPTHS, build_resnet_body, resnet_classifier
+from elinspect.utils.errors import ConfigError
 
 RESNETS = tuple(f"resnet{d}" for d in RESNET_DEPTHS)
 EFFICIENTNET_LITES = tuple(sorted(WEIGHT_PACKAGES))
@@ -38,7 +39,7 @@ BACKBONES = RESNETS + EFFICIENTNET_LITES
 
 def check_backbone(name: str) -> str:
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     return name
 
 
@@ -73,14 +74,14 @@ def build_body(
     """
     if name is None:
         if depth is None:
-            raise ValueError("a backbone needs a name (resnet18 ... efficientnet_lite2)")
+            raise ConfigError("a backbone needs a name (resnet18 ... efficientnet_lite2)")
         name = f"resnet{depth}"
     check_backbone(name)
     if depth is not None and name != f"resnet{depth}":
-        raise ValueError(f"backbone name {name!r} and depth {depth} disagree: give only the name")
+        raise ConfigError(f"backbone name {name!r} and depth {depth} disagree: give only the name")
     bad = sorted(set(stages) - {1, 2, 3, 4})
     if bad or not stages:
-        raise ValueError(f"stages must be a non-empty subset of 1..4 (strides 4..32), got {list(stages)}")
+        raise ConfigError(f"stages must be a non-empty subset of 1..4 (strides 4..32), got {list(stages)}")
     norm = resolve_norm_layer(norm_layer, weights)
     if name in RESNETS:
         return build_resnet_body(
@@ -92,7 +93,7 @@ def build_body(
             stages=stages,
         )
     if deformable_stages:
-        raise ValueError(f"deformable_stages are for ResNet bodies; {name} has none")
+        raise ConfigError(f"deformable_stages are for ResNet bodies; {name} has none")
     return build_lite_body(name, weights=weights, frozen_stages=frozen_stages, norm_layer=norm, stages=stages)
 
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from elinspect.utils.errors import ConfigError
+
 Temperature = Literal["fixed", "learnable"]
 TEMPERATURES: tuple[str, ...] = ("fixed", "learnable")
 
@@ -86,9 +88,9 @@ class CosineNonLocalAttention(nn.Module):
     def __init__(self, channels: int, heads: int = 1, temperature: Temperature = "fixed") -> None:
         super().__init__()
         if heads < 1 or channels % heads:
-            raise ValueError(f"channels ({channels}) must be a positive multiple of heads ({heads})")
+            raise ConfigError(f"channels ({channels}) must be a positive multiple of heads ({heads})")
         if temperature not in TEMPERATURES:
-            raise ValueError(f"temperature must be one of {TEMPERATURES}, got {temperature!r}")
+            raise ConfigError(f"temperature must be one of {TEMPERATURES}, got {temperature!r}")
         self.channels = channels
         self.heads = heads
         self.temperature = temperature

@@ -6,6 +6,8 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
+from elinspect.utils.errors import ConfigError
+
 
 class BackboneWithNeck(nn.Module):
     """``neck(body(x))``: a feature body (C2..C5) followed by a neck from the neck registry.
@@ -17,7 +19,7 @@ class BackboneWithNeck(nn.Module):
     def __init__(self, body: nn.Module, neck: nn.Module) -> None:
         super().__init__()
         if not isinstance(getattr(neck, "out_channels", None), int):
-            raise ValueError(f"neck {type(neck).__name__} must expose an int attribute out_channels")
+            raise ConfigError(f"neck {type(neck).__name__} must expose an int attribute out_channels")
         self.body = body
         self.neck = neck
         self.out_channels: int = neck.out_channels

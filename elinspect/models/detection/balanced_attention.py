@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elinspect.models.detection.attention import CosineNonLocalAttention, Temperature
+from elinspect.utils.errors import ConfigError
 
 
 def max_pool_to(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -79,7 +80,7 @@ class BalancedAttention(nn.Module):
     ) -> None:
         super().__init__()
         if not 0 <= refine_level < num_levels:
-            raise ValueError(f"refine_level must be in [0, {num_levels}), got {refine_level}")
+            raise ConfigError(f"refine_level must be in [0, {num_levels}), got {refine_level}")
         self.num_levels = num_levels
         self.refine_level = refine_level
         self.level_logits = nn.Parameter(torch.zeros(num_levels))  # softmax → w2..w5, 1/4 each at init

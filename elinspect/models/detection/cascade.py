@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torchvision.ops import clip_boxes_to_image
 
 from elinspect.models.detection.roi_heads import LossRoIHeads
+from elinspect.utils.errors import ConfigError
 
 
 class CascadeRoIHeads(nn.Module):
@@ -63,11 +64,11 @@ class CascadeRoIHeads(nn.Module):
     def __init__(self, stages: Sequence[LossRoIHeads], stage_weights: Sequence[float]) -> None:
         super().__init__()
         if len(stages) == 0:
-            raise ValueError("a cascade needs at least one stage")
+            raise ConfigError("a cascade needs at least one stage")
         if len(stage_weights) != len(stages):
-            raise ValueError(f"got {len(stages)} cascade stages but {len(stage_weights)} stage loss weights")
+            raise ConfigError(f"got {len(stages)} cascade stages but {len(stage_weights)} stage loss weights")
         if any(w < 0 for w in stage_weights):
-            raise ValueError(f"cascade stage loss weights must be >= 0, got {list(stage_weights)}")
+            raise ConfigError(f"cascade stage loss weights must be >= 0, got {list(stage_weights)}")
         self.stages = nn.ModuleList(stages)
         self.stage_weights = tuple(float(w) for w in stage_weights)
         self.stage_losses: dict[str, Tensor] = {}

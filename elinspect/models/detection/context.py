@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert, clip_boxes_to_image
 
+from elinspect.utils.errors import ConfigError
+
 ContextMode = Literal["concat", "context_only", "global"]
 CONTEXT_MODES: tuple[str, ...] = ("concat", "context_only", "global")
 CONTEXT_KEYS = frozenset({"enabled", "k", "mode", "fuse_at"})
@@ -91,9 +93,9 @@ class ContextRoIPool(nn.Module):
     def __init__(self, roi_pool: nn.Module, k: float = 1.5, mode: ContextMode = "concat") -> None:
         super().__init__()
         if mode not in CONTEXT_MODES:
-            raise ValueError(f"context mode must be one of {CONTEXT_MODES}, got {mode!r}")
+            raise ConfigError(f"context mode must be one of {CONTEXT_MODES}, got {mode!r}")
         if k < 1:
-            raise ValueError(f"the context factor k enlarges the box, so it must be >= 1, got {k}")
+            raise ConfigError(f"the context factor k enlarges the box, so it must be >= 1, got {k}")
         self.roi_pool = roi_pool
         self.k = float(k)
         self.mode = mode

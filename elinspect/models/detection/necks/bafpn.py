@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from elinspect.models.detection.attention import CosineNonLocalAttention, Temperature
 from elinspect.models.detection.necks import register_neck
 from elinspect.models.detection.necks.pafpn import PAFPN
+from elinspect.utils.errors import ConfigError
 
 PLACEMENTS = ("output", "in_path")
 
@@ -62,12 +63,12 @@ class BAFPN(nn.Module):
     ) -> None:
         super().__init__()
         if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+            raise ConfigError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         n = len(in_channels_list)
         levels = tuple(int(level) for level in levels)
         lowest = 1 if placement == "in_path" else 0  # N2 = P2 has no bottom-up conv to attach to
         if any(not lowest <= level < n for level in levels):
-            raise ValueError(f"levels must lie in [{lowest}, {n}) for placement {placement!r}, got {levels}")
+            raise ConfigError(f"levels must lie in [{lowest}, {n}) for placement {placement!r}, got {levels}")
         self.out_channels = out_channels
         self.placement = placement
         self.levels = levels

@@ -33,6 +33,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from elinspect.models.detection.attention import Temperature
 from elinspect.models.detection.balanced_attention import BalancedAttention, max_pool_to, upsample_to
 from elinspect.models.detection.necks import register_neck
+from elinspect.utils.errors import ConfigError
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:
@@ -73,7 +74,7 @@ class BottomUpPath(nn.Module):
     ) -> None:
         super().__init__()
         if lateral not in ("shared", "separate"):
-            raise ValueError(f"lateral must be 'shared' or 'separate', got {lateral!r}")
+            raise ConfigError(f"lateral must be 'shared' or 'separate', got {lateral!r}")
         coarser = in_channels_list[1:]
         self.cross_layer = cross_layer
         separate = cross_layer and lateral == "separate"

@@ -56,6 +56,7 @@ from elinspect.models.detection.rddn.template_reference import (
     ReferenceTransform,
     difference_features,
 )
+from elinspect.utils.errors import ConfigError
 
 TemplateMode = Literal["none", "pre", "inter", "post", "ptg"]
 TEMPLATE_MODES: tuple[str, ...] = ("none", "pre", "inter", "post", "ptg")
@@ -112,21 +113,21 @@ class RddnFasterRCNN(GeneralizedRCNN):
     ) -> None:
         super().__init__(backbone, rpn, roi_heads, transform)
         if template not in TEMPLATE_MODES:
-            raise ValueError(f"template must be one of {TEMPLATE_MODES}, got {template!r}")
+            raise ConfigError(f"template must be one of {TEMPLATE_MODES}, got {template!r}")
         if (
             not isinstance(transform, ReferenceTransform)
             or transform.template_input != TEMPLATE_INPUT[template]
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"template={template!r} needs a ReferenceTransform with template_input="
                 f"{TEMPLATE_INPUT[template]!r}, got {transform!r}"
             )
         if not (hasattr(backbone, "body") and hasattr(backbone, "neck")):
-            raise ValueError("RDDN needs a backbone with separate body and neck (BackboneWithNeck)")
+            raise ConfigError("RDDN needs a backbone with separate body and neck (BackboneWithNeck)")
         if (template == "ptg") != (generators is not None):
-            raise ValueError("generators are given exactly when template='ptg'")
+            raise ConfigError("generators are given exactly when template='ptg'")
         if post_stage not in POST_STAGES or post_features not in POST_FEATURES:
-            raise ValueError(
+            raise ConfigError(
                 f"post_stage must be one of {POST_STAGES} and post_features one of {POST_FEATURES}, "
                 f"got {post_stage!r}, {post_features!r}"
             )

@@ -33,6 +33,7 @@ from elinspect.data.info import DatasetInfo
 from elinspect.models.detection.module import Batch, DetectionModule, model_targets
 from elinspect.models.detection.rddn.detector import RddnFasterRCNN, extra_inputs_of
 from elinspect.models.detection.roi_heads import loss_mode
+from elinspect.utils.errors import UserError
 
 REFERENCE_HINTS = {
     "template": (
@@ -49,7 +50,7 @@ REFERENCE_HINTS = {
 }
 
 
-class MissingReferenceError(ValueError):
+class MissingReferenceError(UserError, ValueError):
     """A batch lacks the template or normal sample the model's template mode needs."""
 
 

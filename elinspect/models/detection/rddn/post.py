@@ -43,6 +43,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 
 from elinspect.models.detection.cascade import CascadeRoIHeads
 from elinspect.models.detection.rddn.template_reference import check_references
+from elinspect.utils.errors import ConfigError
 
 PostStage = Literal["detections", "proposals"]
 PostFeatures = Literal["box_head", "roi_align"]
@@ -222,9 +223,9 @@ class TemplatePostScorer(nn.Module):
     ) -> None:
         super().__init__()
         if stage not in POST_STAGES:
-            raise ValueError(f"TR-Post stage must be one of {POST_STAGES}, got {stage!r}")
+            raise ConfigError(f"TR-Post stage must be one of {POST_STAGES}, got {stage!r}")
         if features not in POST_FEATURES:
-            raise ValueError(f"TR-Post features must be one of {POST_FEATURES}, got {features!r}")
+            raise ConfigError(f"TR-Post features must be one of {POST_FEATURES}, got {features!r}")
         self.detector = detector
         self.stage = stage
         self.features = features

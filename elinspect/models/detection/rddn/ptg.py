@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from elinspect.utils.errors import ConfigError
+
 
 class StageGenerator(nn.Module):
     """One ``G_i``: conv(s1) → conv(s2) → conv(s2) → deconv(s2) → deconv(s2) → deconv(s1).
@@ -43,7 +45,7 @@ class StageGenerator(nn.Module):
     def __init__(self, channels: int, hidden_channels: int = 256, kernel_size: int = 4) -> None:
         super().__init__()
         if kernel_size < 2:
-            raise ValueError(f"kernel_size must be >= 2, got {kernel_size}")
+            raise ConfigError(f"kernel_size must be >= 2, got {kernel_size}")
         k, h, pad = kernel_size, hidden_channels, kernel_size // 2
         before = (k - 1) // 2
         # "same" padding of a stride-1 conv: (left, right, top, bottom)
@@ -84,7 +86,7 @@ class PseudoTemplateGenerator(nn.Module):
         super().__init__()
         names = [str(i) for i in range(len(in_channels_list))] if names is None else list(names)
         if len(names) != len(in_channels_list):
-            raise ValueError(f"got {len(in_channels_list)} channel counts for {len(names)} level names")
+            raise ConfigError(f"got {len(in_channels_list)} channel counts for {len(names)} level names")
         self.generators = nn.ModuleDict(
             {
                 name: StageGenerator(c, hidden_channels, kernel_size)
@@ -94,7 +96,7 @@ class PseudoTemplateGenerator(nn.Module):
 
     def _check(self, features: Mapping[str, Tensor]) -> None:
         if list(features) != list(self.generators):
-            raise ValueError(f"expected backbone levels {list(self.generators)}, got {list(features)}")
+            raise ConfigError(f"expected backbone levels {list(self.generators)}, got {list(features)}")
 
     def forward(self, features: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
         """The pseudo templates ``G_i(C_i)`` of every level."""

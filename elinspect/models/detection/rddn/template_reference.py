@@ -34,6 +34,8 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from elinspect.utils.errors import ConfigError
+
 TemplateInput = Literal["none", "difference", "pair"]
 TEMPLATE_INPUTS: tuple[str, ...] = ("none", "difference", "pair")
 
@@ -57,13 +59,13 @@ def template_difference(image: Tensor, template: Tensor, std: Sequence[float] | 
 def check_references(images: Sequence[Tensor], references: Sequence[Tensor], name: str = "template") -> None:
     """Raise ``ValueError`` unless every reference is a float tensor shaped like its image."""
     if len(references) != len(images):
-        raise ValueError(f"got {len(images)} images but {len(references)} {name}s: one {name} per image")
+        raise ConfigError(f"got {len(images)} images but {len(references)} {name}s: one {name} per image")
     for i, (image, ref) in enumerate(zip(images, references, strict=True)):
         if not torch.is_tensor(ref) or not ref.is_floating_point():
             kind = type(ref).__name__ if not torch.is_tensor(ref) else str(ref.dtype)
-            raise ValueError(f"{name} {i} must be a float tensor in [0, 1], got {kind}")
+            raise ConfigError(f"{name} {i} must be a float tensor in [0, 1], got {kind}")
         if ref.shape != image.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"{name} {i} has shape {tuple(ref.shape)} but its image has {tuple(image.shape)}: "
                 f"a {name} must be aligned with (and as large as) its image"
             )
@@ -95,7 +97,7 @@ class ReferenceTransform(GeneralizedRCNNTransform):
         test_min_size: int | None = None,
     ) -> None:
         if template_input not in TEMPLATE_INPUTS:
-            raise ValueError(f"template_input must be one of {TEMPLATE_INPUTS}, got {template_input!r}")
+            raise ConfigError(f"template_input must be one of {TEMPLATE_INPUTS}, got {template_input!r}")
         super().__init__(
             tuple(min_size) if isinstance(min_size, Sequence) else min_size,
             max_size,
