@@ -57,6 +57,22 @@ bench: install $(BENCH_STAMP) ## benchmarks (detectors + PVEL-AD loader, B-A att
 	$(PY) experiments/bench_ganae.py --out experiments/results/bench_ganae.md
 	$(PY) experiments/bench_launchers.py --out experiments/results/bench_launchers.md
 
+WHEELHOUSE := wheelhouse
+$(WHEELHOUSE)/.stamp: $(STAMP)
+	$(PY) experiments/gpu_check.py --build-wheelhouse $(WHEELHOUSE)
+	touch $@
+
+wheelhouse: $(WHEELHOUSE)/.stamp ## the py3.12 wheels a lent GPU machine lacks (carried by make gpu-check's device call)
+
+gpu-check: install ## GPU checks: pytest -m gpu and a throughput table; DRY=1: the same on the CPU at tiny sizes
+ifdef DRY
+	$(PY) experiments/gpu_check.py --dry --out $(or $(OUT),$(CURDIR)/logs/gpu_check_dry) $(ARGS)
+else
+	$(PY) experiments/gpu_check.py --device-call
+	$(PY) -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA here: paste the device call above on a session holding a GPU machine, or use DRY=1")'
+	$(PY) experiments/gpu_check.py $(ARGS)
+endif
+
 clean: ## remove caches and build files (keeps logs/ and .venv)
 	rm -rf .pytest_cache .ruff_cache .hypothesis build dist *.egg-info
 	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
@@ -64,4 +80,4 @@ clean: ## remove caches and build files (keeps logs/ and .venv)
 clean-all: clean ## also remove .venv and every run under logs/
 	rm -rf $(VENV) logs
 
-.PHONY: help install train test test-slow test-all lint format sweep bench clean clean-all
+.PHONY: wheelhouse gpu-check help install train test test-slow test-all lint format sweep bench clean clean-all
