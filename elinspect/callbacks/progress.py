@@ -86,6 +86,7 @@ class LogProgress(ProgressBar):
         self.metrics = tuple(metrics)
         self._enabled = True
         self._stage: _Stage | None = None
+        self._train_stage: _Stage | None = None  # kept while a validation runs inside an epoch
 
     def disable(self) -> None:
         self._enabled = False
@@ -130,7 +131,7 @@ class LogProgress(ProgressBar):
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:  # noqa: E501
+    ) -> None:
         self._advance(trainer, batch, self._epochs_after(trainer))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -147,7 +148,7 @@ class LogProgress(ProgressBar):
             name, sum(trainer.num_sanity_val_batches) if trainer.sanity_checking else self.total_val_batches
         )
 
-    def on_validation_batch_end(
+    def _evaluation_batch_end(
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
@@ -155,47 +156,26 @@ class LogProgress(ProgressBar):
         batch: Any,
         batch_idx: int,
         dataloader_idx: int = 0,
-    ) -> None:  # noqa: E501
+    ) -> None:
         self._advance(trainer, batch)
+
+    on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _evaluation_batch_end
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._finish(trainer)
-        self._stage = getattr(self, "_train_stage", None)
+        self._stage, self._train_stage = self._train_stage, None
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start("test", sum(trainer.num_test_batches))
 
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:  # noqa: E501
-        self._advance(trainer, batch)
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _evaluation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer)
+
+    on_test_epoch_end = on_predict_epoch_end = _evaluation_epoch_end
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start("predict", sum(trainer.num_predict_batches))
-
-    def on_predict_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:  # noqa: E501
-        self._advance(trainer, batch)
-
-    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._finish(trainer)
 
 
 def progress_bar(every_s: float = 30.0, terminal: bool | None = None) -> ProgressBar:
