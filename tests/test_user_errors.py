@@ -79,6 +79,7 @@ def test_a_required_option_left_unset_is_named(tmp_path: Path) -> None:
         (["model.net.arch=resnet7"], "ConfigError", "unknown backbone 'resnet7'"),
         (["data.threshold_rule=xx"], "ConfigError", "data.threshold_rule must be gt or ge"),
         (["model.net.weights=/nonexistent/w.pth"], "WeightsUnavailableError", "/nonexistent/w.pth"),
+        (["data.image_size=-3"], "ConfigError", "data.image_size must be a whole number >= 1, got -3"),
     ],
 )
 def test_each_kind_of_mistake_is_reported_as_a_user_error(make_cfg, capsys, overrides, kind, words) -> None:

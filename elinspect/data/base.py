@@ -15,6 +15,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from elinspect.data.resumable import ResumableDataLoader
+from elinspect.utils.errors import ConfigError
 from elinspect.utils.speed import auto_num_workers, auto_pin_memory
 
 
@@ -59,7 +60,16 @@ class SplitDataModule(L.LightningDataModule):
             "persistent_workers": workers > 0,
         }
 
+    def check_sizes(self) -> None:
+        """A batch size or image size below 1 is a config mistake: say so before a worker fails."""
+        hp = self.hparams
+        for key in ("batch_size", "image_size"):
+            value = hp.get(key)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ConfigError(f"data.{key} must be a whole number >= 1, got {value!r}")
+
     def _loader(self, split: str) -> DataLoader:
+        self.check_sizes()
         kwargs = {"batch_size": self.hparams.batch_size, "collate_fn": type(self).collate_fn}
         kwargs.update(self.loader_settings())
         trainer = self.trainer
