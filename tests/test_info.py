@@ -32,3 +32,30 @@ def test_the_report_names_datasets_weights_device_and_versions(tmp_path: Path, c
 
 def test_without_a_data_dir_it_looks_below_the_project_data_dir() -> None:
     assert "/data/PVEL-AD" in report()
+
+
+def test_train_help_describes_every_config_group() -> None:
+    """``python -m elinspect.train --help``: a line on what each group of conf/ is for, then its options."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import CONFIG_DIR, REPO
+
+    done = subprocess.run(
+        [sys.executable, "-m", "elinspect.train", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    described_block = done.stdout.partition("Config groups")[2].split("\n\n")[0]
+    described = set()
+    for line in described_block.splitlines()[1:]:  # "  data            the dataset, ..."
+        described.update(re.split(r"\s{2,}", line.strip())[0].split(", "))
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    assert groups <= described, sorted(groups - described)
+    assert (
+        "model: autoencoder, baf, classifier, ebba, faster_rcnn, ganae, padim, rddn, semacnn" in done.stdout
+    )
