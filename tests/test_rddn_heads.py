@@ -456,3 +456,13 @@ def test_refined_ground_truth_boxes_are_not_passed_to_the_next_stage() -> None:
     cascade(fpn_features(), [p.clone() for p in given], SHAPES, targets())
     expected = [len(p) for p in given]  # the stage-0 proposals, refined; GT copies dropped
     assert seen == [expected, expected]
+
+
+def test_the_shared_head_context_takes_an_image_without_proposals() -> None:
+    """A batch whose images have no proposal left (an untrained RPN on a hard image) reaches the
+    box head with 0 RoIs: the fused region features are then 0 × parts·R, not a reshape error
+    (found by the Table VI re-run, r50_global on Aluminum)."""
+    head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 7 * 7, 16))
+    shared = SharedHeadContext(head, parts=2)
+    assert shared(torch.zeros(0, 8, 7, 7)).shape == (0, 32)
+    assert shared(torch.zeros(3, 8, 7, 7)).shape == (3, 32)

@@ -145,7 +145,12 @@ class SharedHeadContext(nn.Module):
         n, channels, height, width = pooled.shape
         parts = pooled.reshape(n, self.parts, channels // self.parts, height, width).transpose(0, 1)
         region = self.head(parts.reshape(self.parts * n, channels // self.parts, height, width))
-        return region.reshape(self.parts, n, -1).transpose(0, 1).reshape(n, -1)
+        # explicit sizes: with no RoI (n = 0) a -1 would be ambiguous
+        return (
+            region.reshape(self.parts, n, region.shape[-1])
+            .transpose(0, 1)
+            .reshape(n, self.parts * region.shape[-1])
+        )
 
     def extra_repr(self) -> str:
         return f"parts={self.parts}"
