@@ -354,7 +354,7 @@ def table(rows: list[Row]) -> list[str]:
     return out
 
 
-def run_pytest(dry: bool) -> tuple[int, str]:
+def run_pytest() -> tuple[int, str]:
     command = [
         sys.executable,
         "-m",
@@ -389,7 +389,7 @@ def check(dry: bool, out: Path, skip_pytest: bool) -> int:
         "",
     ]
     if not skip_pytest:
-        rc, summary = run_pytest(dry)
+        rc, summary = run_pytest()
         failures += rc not in (0,)
         lines += [f"`pytest -m gpu tests/test_gpu.py`: exit {rc} ({summary})", ""]
     rows: list[Row] = []
