@@ -52,7 +52,7 @@ from elinspect.data.images import read_image, to_tensor_layout
 from elinspect.data.info import DatasetInfo
 from elinspect.data.transforms import resize
 from elinspect.models.base import CHECKPOINT_KEY, ElinspectModule
-from elinspect.utils.build import build_loss, effective_loss_config, model_config
+from elinspect.models.build import build_model, effective_loss_config
 from elinspect.utils.checkpoint import CheckpointError, describe_foreign, read_checkpoint
 from elinspect.utils.errors import ConfigError, UserError
 
@@ -262,10 +262,7 @@ def load_model(ckpt_path: str | Path, device: str | torch.device = "cpu") -> Loa
         raise CheckpointError(f"{path} ({name}) holds no saved dataset facts (hyper_parameters.dataset)")
     info = DatasetInfo.from_dict(dataset)
     cfg = OmegaConf.create({"model": strip_pretrained_weights(stored["model"]), "loss": stored.get("loss")})
-    loss = build_loss(effective_loss_config(cfg), info)
-    module: ElinspectModule = hydra.utils.instantiate(
-        model_config(cfg), dataset=info.to_dict(), loss=loss, _convert_="all"
-    )
+    module = build_model(cfg.model, effective_loss_config(cfg), info)
     try:
         module.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:

@@ -3,9 +3,9 @@
 Every model is built exactly as ``python -m elinspect.train model=<name> data=pvel`` builds
 it: the config is composed from ``conf/`` with Hydra's compose API (``model=<name>``,
 ``model.detector.backbone.name=<backbone>``, ``model.detector.backbone.weights=<weights>``,
-``model.detector.fixed_size=[600,600]``, ``data.classes=ebba5``), the loss comes from
-``effective_loss_config`` + ``build_loss`` (``loss=auto``: cross-entropy for faster_rcnn
-and baf, SDFL for ebba) and the model from ``model_config`` with the datamodule's
+``model.detector.fixed_size=[600,600]``, ``data.classes=ebba5``) and the model comes from
+:func:`~elinspect.models.build.build_model` with the run's loss (``loss=auto``: cross-entropy
+for faster_rcnn and baf, SDFL for ebba) and the datamodule's
 :class:`~elinspect.data.info.DatasetInfo` (the 5 EBBA classes and their box counts).
 
 Backbones (``--backbones name[:weights]``): ResNet-50 and ResNet-101 from random weights (the
@@ -82,9 +82,10 @@ from elinspect.data.detection import DetectionDataset  # noqa: E402
 from elinspect.data.info import DatasetInfo  # noqa: E402
 from elinspect.data.pvel import PvelAdDataModule  # noqa: E402
 from elinspect.data.synthetic.pvel import write_pvel_dataset  # noqa: E402
+from elinspect.models.build import build_model, effective_loss_config  # noqa: E402
 from elinspect.models.detection.attention import CosineNonLocalAttention  # noqa: E402
 from elinspect.models.detection.module import DetectionModule, model_targets  # noqa: E402
-from elinspect.utils.build import CONFIG_DIR, build_loss, effective_loss_config, model_config  # noqa: E402
+from elinspect.utils.build import CONFIG_DIR  # noqa: E402
 
 MODELS = ("faster_rcnn", "ebba", "baf")
 BACKBONES = ("resnet50", "resnet101", "efficientnet_lite0:imagenet")
@@ -131,8 +132,7 @@ def compose_config(model: str, backbone: str, weights: str | None, root: Path) -
 def build_bench(cfg: DictConfig, name: str, backbone: str, weights: str | None, info: DatasetInfo) -> Bench:
     """Loss → model → optimiser, as ``elinspect.utils.build`` and Lightning do them."""
     torch.manual_seed(0)
-    loss = build_loss(effective_loss_config(cfg), info)
-    module = hydra.utils.instantiate(model_config(cfg), dataset=info.to_dict(), loss=loss, _convert_="all")
+    module = build_model(cfg.model, effective_loss_config(cfg), info)
     optimizer = module.configure_optimizers()["optimizer"]
     params_m = sum(p.numel() for p in module.parameters()) / 1e6
     bench = Bench(name, backbone, weights, module, optimizer, params_m)

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import OmegaConf
 
-from elinspect.utils.build import effective_loss_config, model_config
+from elinspect.models.build import effective_loss_config, model_config
 from elinspect.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from elinspect.utils.resolvers import wandb_offline
 from tests.conftest import group_options

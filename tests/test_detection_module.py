@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-import hydra
 import lightning as L
 import pytest
 import torch
@@ -25,9 +24,10 @@ from elinspect.callbacks import DetectionVisualsCallback
 from elinspect.data.info import DatasetInfo
 from elinspect.losses import FocalLoss
 from elinspect.metrics import DetectionConfusionMatrix, DetectionMetrics, confusion_counts
+from elinspect.models import build as model_build
 from elinspect.models.base import CHECKPOINT_KEY
+from elinspect.models.build import build_model, effective_loss_config
 from elinspect.models.detection import DetectionModule, build_faster_rcnn
-from elinspect.utils.build import build_loss, effective_loss_config, model_config
 
 CLASSES = ["crack", "finger", "black_core"]
 DATASET = {"task": "detection", "class_names": CLASSES, "in_channels": 3, "class_counts": [2, 2, 2]}
@@ -250,16 +250,18 @@ def test_training_step_returns_a_finite_loss_of_the_torchvision_terms() -> None:
 
 
 @pytest.mark.parametrize(("loss_name", "loss_type"), [("focal", FocalLoss), ("ce", nn.CrossEntropyLoss)])
-def test_the_loss_group_reaches_the_roi_head(make_cfg, loss_name: str, loss_type: type) -> None:
+def test_the_loss_group_reaches_the_roi_head(make_cfg, monkeypatch, loss_name: str, loss_type: type) -> None:
     cfg = make_cfg("train.yaml", ["model=faster_rcnn", f"loss={loss_name}", *TINY_OVERRIDES])
-    loss = build_loss(effective_loss_config(cfg), DatasetInfo.from_dict(DATASET))
-    module = hydra.utils.instantiate(model_config(cfg), dataset=DATASET, loss=loss, _convert_="all")
+    built: list[nn.Module] = []
+    real_build_loss = model_build.build_loss
+    monkeypatch.setattr(model_build, "build_loss", lambda *a: built.append(real_build_loss(*a)) or built[-1])
+    module = build_model(cfg.model, effective_loss_config(cfg), DatasetInfo.from_dict(DATASET))
     assert isinstance(module, DetectionModule) and module.class_names == CLASSES
     heads = module.model.roi_heads
-    assert isinstance(heads.classification_loss, loss_type) and heads.classification_loss is loss
+    assert isinstance(heads.classification_loss, loss_type) and heads.classification_loss is built[0]
     assert heads.box_predictor.cls_score.out_features == len(CLASSES) + 1
     calls = []
-    loss.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[1]))
+    built[0].register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[1]))
     torch.manual_seed(0)
     module.train()
     module.training_step(synthetic_batch(), 0)

@@ -18,13 +18,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from elinspect.data.info import DatasetInfo
 from elinspect.losses import ScaledDynamicFocalLoss, alpha_from_counts
 from elinspect.models.backbones.resnet import build_resnet_body
+from elinspect.models.build import build_loss
 from elinspect.models.detection.attention import CosineNonLocalAttention, explicit_cosine_attention
 from elinspect.models.detection.balanced_attention import BalancedAttention, resize_to
 from elinspect.models.detection.builder import build_faster_rcnn
 from elinspect.models.detection.necks import build_neck
 from elinspect.models.detection.roi_heads import LOSS_KEYS
 from elinspect.models.profile import parameter_table
-from elinspect.utils.build import build_loss
 
 R18_CHANNELS = [64, 128, 256, 512]
 REPO_CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import cv2
-import hydra
 import lightning as L
 import numpy as np
 import pytest
@@ -30,7 +29,8 @@ from elinspect.explain import (
     tap,
 )
 from elinspect.inference import CheckpointError, load_model
-from elinspect.utils.build import build_loss, effective_loss_config, model_config, stored_config
+from elinspect.models.build import build_model, effective_loss_config
+from elinspect.utils.build import stored_config
 from tests.conftest import FAST_DETECTOR_OVERRIDES, REPO
 
 
@@ -75,12 +75,7 @@ def save_module(make_cfg, overrides: list[str], info: DatasetInfo, path: Path) -
     stored config and dataset info, as a training run writes it)."""
     cfg = make_cfg("train.yaml", overrides)
     torch.manual_seed(0)
-    module = hydra.utils.instantiate(
-        model_config(cfg),
-        dataset=info.to_dict(),
-        loss=build_loss(effective_loss_config(cfg), info),
-        _convert_="all",
-    )
+    module = build_model(cfg.model, effective_loss_config(cfg), info)
     module.run_config = stored_config(cfg)
     trainer = L.Trainer(
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False

@@ -11,7 +11,6 @@ import functools
 import math
 from types import SimpleNamespace
 
-import hydra
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,7 @@ from torch import nn
 from torchvision.ops import MultiScaleRoIAlign
 
 from elinspect.data.info import DatasetInfo
+from elinspect.models.build import build_model, effective_loss_config, model_config
 from elinspect.models.detection import DetectionModule, build_faster_rcnn
 from elinspect.models.detection.rddn import (
     TEMPLATE_MODES,
@@ -37,7 +37,6 @@ from elinspect.models.detection.rddn import (
     warmup_multistep_lr,
 )
 from elinspect.models.detection.rddn.post import rescaled_logits, rescore_detections
-from elinspect.utils.build import build_loss, effective_loss_config, model_config
 from tests.conftest import CONFIG_DIR, FAST_DETECTOR_OVERRIDES
 
 SIZE = 64
@@ -572,9 +571,8 @@ def test_model_rddn_composes_with_the_paper_settings_and_trains(make_cfg) -> Non
             *FAST_DETECTOR_OVERRIDES,
         ],
     )
-    loss = build_loss(effective_loss_config(cfg), DatasetInfo.from_dict(DATASET))
     torch.manual_seed(0)
-    module = hydra.utils.instantiate(model_config(cfg), dataset=DATASET, loss=loss, _convert_="all")
+    module = build_model(cfg.model, effective_loss_config(cfg), DatasetInfo.from_dict(DATASET))
     assert isinstance(module, RddnModule) and module.extra_inputs == {"template"}
     assert type(module.model.roi_heads).__name__ == "CascadeRoIHeads"
     assert all(type(s.box_roi_pool).__name__ == "ContextRoIPool" for s in module.model.roi_heads.stages)

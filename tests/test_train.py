@@ -15,8 +15,8 @@ from elinspect.eval import evaluate
 from elinspect.models.anomaly.semacnn import SemaCnnModule
 from elinspect.models.backbones import EFFICIENTNET_LITES
 from elinspect.models.base import CHECKPOINT_KEY
+from elinspect.models.build import effective_loss_config
 from elinspect.train import train
-from elinspect.utils.build import effective_loss_config
 from elinspect.utils.compat import (
     IncompatibleConfigError,
     data_tasks,

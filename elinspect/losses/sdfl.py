@@ -9,7 +9,7 @@ For a sample of true class ``u`` with softmax probability ``p_u``::
 ones smaller weights; the same ``gamma`` shapes both the class weight and the focal term.
 The paper's check: m = 4, gamma = 2, N = 7747, n_u = 101 (star crack) gives alpha_u = 3.896.
 
-The counts are never typed in a config: :func:`elinspect.utils.build.build_loss` calls
+The counts are never typed in a config: :func:`elinspect.models.build.build_loss` calls
 :meth:`ScaledDynamicFocalLoss.set_class_counts` with the training split's per-class counts
 from the datamodule (foreground classes in order, background excluded).
 
@@ -98,7 +98,7 @@ class ScaledDynamicFocalLoss(nn.Module):
             raise RuntimeError(
                 "ScaledDynamicFocalLoss has no class counts: call set_class_counts(counts) first. "
                 "The counts come from the datamodule's training split (DatasetInfo.class_counts), "
-                "which elinspect.utils.build.build_loss passes at setup."
+                "which elinspect.models.build.build_loss passes at setup."
             )
         k = self.alpha.numel()
         if num_columns == k + 1:  # detector: column 0 is the background

@@ -445,11 +445,12 @@ def build_for_profile(overrides: list[str], num_classes: int) -> nn.Module:
     """The model ``python -m elinspect.train <overrides>`` would train, for ``num_classes``
     classes (no dataset needed: class names and counts are placeholders)."""
     from hydra import compose, initialize_config_dir
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import get_class
 
     import elinspect.utils.resolvers  # noqa: F401
     from elinspect.data.info import DatasetInfo
-    from elinspect.utils.build import CONFIG_DIR, build_loss, effective_loss_config, model_config
+    from elinspect.models.build import build_model, effective_loss_config
+    from elinspect.utils.build import CONFIG_DIR
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         cfg = compose(config_name="train.yaml", overrides=overrides)
@@ -459,8 +460,7 @@ def build_for_profile(overrides: list[str], num_classes: int) -> nn.Module:
         in_channels=3,
         class_counts=(1,) * num_classes,
     )
-    loss = build_loss(effective_loss_config(cfg), info)
-    return instantiate(model_config(cfg), dataset=info.to_dict(), loss=loss, _convert_="all")
+    return build_model(cfg.model, effective_loss_config(cfg), info)
 
 
 def profile_inputs(module: nn.Module, images: list[Tensor]) -> tuple[nn.Module, tuple, dict]:

@@ -1,8 +1,9 @@
-"""Assembling a run's parts from the composed config: datamodule → loss → model → trainer.
+"""Assembling a run's parts from the composed config: datamodule → model → trainer.
 
 The datamodule is set up first because the model is built from what it reads off the
 training split (:class:`~elinspect.data.info.DatasetInfo`: classes, channels, class
-counts) and a loss such as SDFL takes the class counts from it — never from a config.
+counts) and a loss such as SDFL takes the class counts from it — never from a config
+(:func:`elinspect.models.build.build_model`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch import nn
 
 from elinspect.data.info import DatasetInfo
 from elinspect.models.base import ElinspectModule
+from elinspect.models.build import build_model, effective_loss_config
 from elinspect.utils.compat import check_compatible
 from elinspect.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from elinspect.utils.speed import on_gpu, resolve_precision, speed_callback
@@ -39,43 +40,13 @@ def group_choices() -> dict[str, str]:
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if isinstance(v, str)}
 
 
-def effective_loss_config(cfg: DictConfig) -> DictConfig | None:
-    """The ``loss`` group's choice; ``loss=auto`` (the default) means the model's own
-    ``default_loss`` (cross-entropy for most models, SDFL for ``model=ebba``)."""
-    loss_cfg = cfg.get("loss")
-    if loss_cfg is not None and loss_cfg.get("auto"):
-        return cfg.model.get("default_loss")
-    return loss_cfg
-
-
-def model_config(cfg: DictConfig) -> DictConfig:
-    """``cfg.model`` without the keys that are not constructor arguments."""
-    node = cfg.model.copy()
-    with open_dict(node):
-        node.pop("default_loss", None)
-    return node
-
-
-def build_loss(loss_cfg: DictConfig | None, info: DatasetInfo) -> nn.Module | None:
-    """Instantiate the ``loss`` group; a loss that weighs classes gets the training counts."""
-    if not loss_cfg:
-        return None
-    loss = hydra.utils.instantiate(loss_cfg)
-    if hasattr(loss, "set_class_counts"):
-        loss.set_class_counts(info.class_counts)
-    return loss
-
-
 def build_datamodule_and_model(cfg: DictConfig) -> tuple[L.LightningDataModule, ElinspectModule]:
     check_compatible(cfg, CONFIG_DIR, group_choices())
     log.info("instantiating datamodule <%s>", cfg.data._target_)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     info: DatasetInfo = datamodule.info
-    loss = build_loss(effective_loss_config(cfg), info)
     log.info("instantiating model <%s>", cfg.model._target_)
-    model: ElinspectModule = hydra.utils.instantiate(
-        model_config(cfg), dataset=info.to_dict(), loss=loss, _convert_="all"
-    )
+    model = build_model(cfg.model, effective_loss_config(cfg), info)
     model.run_config = stored_config(cfg)
     extra_inputs = set(getattr(model, "extra_inputs", ()))
     if extra_inputs:  # e.g. RDDN's aligned templates or defect-free samples beside each image

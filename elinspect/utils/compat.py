@@ -49,7 +49,7 @@ def loss_kind(loss_cfg: DictConfig) -> str:
 
 def chosen_loss(cfg: DictConfig) -> DictConfig | None:
     """The loss that would train: the ``loss`` group's choice, or with ``loss=auto`` the
-    model's ``default_loss`` (the same rule as :func:`elinspect.utils.build.effective_loss_config`)."""
+    model's ``default_loss`` (the same rule as :func:`elinspect.models.build.effective_loss_config`)."""
     loss_cfg = cfg.get("loss")
     if loss_cfg is not None and loss_cfg.get("auto"):
         return cfg.model.get("default_loss")
