@@ -1,4 +1,6 @@
-"""Assembling a run's parts from the composed config: datamodule → model → trainer.
+"""The run builder: a run's parts from the composed config, datamodule → model → trainer.
+
+Used by the entry points (train, eval); it sits beside them, above models, data and callbacks.
 
 The datamodule is set up first because the model is built from what it reads off the
 training split (:class:`~elinspect.data.info.DatasetInfo`: classes, channels, class
@@ -14,9 +16,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -24,12 +24,13 @@ from elinspect.data.info import DatasetInfo
 from elinspect.models.base import ElinspectModule
 from elinspect.models.build import build_model, effective_loss_config
 from elinspect.utils.compat import check_compatible
+from elinspect.utils.ddp import DDP_STRATEGIES, DDPStrategy
 from elinspect.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from elinspect.utils.paths import CONFIG_DIR
 from elinspect.utils.speed import on_gpu, resolve_precision, speed_callback
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 STORED_GROUPS = ("model", "data", "loss")
 
 
@@ -52,45 +53,6 @@ def build_datamodule_and_model(cfg: DictConfig) -> tuple[L.LightningDataModule, 
     if extra_inputs:  # e.g. RDDN's aligned templates or defect-free samples beside each image
         datamodule.request_inputs(extra_inputs)
     return datamodule, model
-
-
-class DDPStrategy(LightningDDPStrategy):
-    """Lightning's DDP, except that a model with nothing to train is not wrapped in
-    ``DistributedDataParallel`` (which refuses a module without a parameter that requires a
-    gradient). PaDiM's fit is such a model: its ranks only add streaming sums, reduced
-    explicitly before the fit is finalised. Its ranks start from rank 0's parameters and
-    buffers, as every rank does in Lightning's validate / test / predict.
-
-    A model whose steps each train only part of it (GAN-AE: critic and generator, then the
-    encoder) says so with ``ddp_find_unused_parameters = True``, and DDP looks for the unused
-    parameters of each step instead of failing on them."""
-
-    def configure_ddp(self) -> None:
-        model = self.model
-        if model is None or any(p.requires_grad for p in model.parameters()):
-            if getattr(model, "ddp_find_unused_parameters", False) and not self._ddp_kwargs.get(
-                "find_unused_parameters"
-            ):
-                log.info(
-                    "DDP: %s trains part of itself per step: find_unused_parameters=True",
-                    type(model).__name__,
-                )
-                self._ddp_kwargs["find_unused_parameters"] = True
-            super().configure_ddp()
-            return
-        log.info("DDP: the model has no trainable parameter; not wrapping it in DistributedDataParallel")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for tensor in (*model.parameters(), *model.buffers()):
-                torch.distributed.broadcast(tensor.data, src=0)
-
-
-# strategy names of the trainer config that get elinspect's DDPStrategy (with these arguments)
-DDP_STRATEGIES: dict[str, dict[str, Any]] = {
-    "ddp": {},
-    "ddp_spawn": {"start_method": "spawn"},
-    "ddp_fork": {"start_method": "fork"},
-    "ddp_find_unused_parameters_true": {"find_unused_parameters": True},
-}
 
 
 def trainer_arguments(trainer_cfg: DictConfig) -> tuple[DictConfig, dict[str, Any]]:

@@ -23,13 +23,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
-from elinspect.models.base import CHECKPOINT_KEY
-from elinspect.utils.build import (
+from elinspect.build import (
     STORED_GROUPS,
     build_datamodule_and_model,
     build_trainer,
     save_resolved_config,
 )
+from elinspect.models.base import CHECKPOINT_KEY
 from elinspect.utils.checkpoint import read_checkpoint
 from elinspect.utils.errors import user_errors
 from elinspect.utils.library_warnings import silence_library_warnings

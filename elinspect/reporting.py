@@ -1,9 +1,8 @@
-"""Turn a run or a multirun directory into one leaderboard table and plots, offline, from files on disk.
+"""A run's or a multirun's report: one leaderboard table and plots, from the files on disk.
 
-    python -m elinspect.report logs/train/multiruns/<timestamp>
-    python -m elinspect.report logs/train/multiruns/<timestamp> --metrics test/map_50 test/f1 --by loss model
-    python -m elinspect.report DIR --no-aggregate       # one row per job
-    python -m elinspect.report DIR --no-plots           # the table only
+The callable core of ``python -m elinspect.report`` (:mod:`elinspect.report` is the command
+line); the W&B dashboard callback calls :func:`report` after a test. A problem with the files
+read raises :class:`ReportError`, naming the file.
 
 Each job's final metrics are the last logged value of every column of its
 ``csv/version_*/metrics.csv``; the job is named by its command-line overrides
@@ -24,7 +23,6 @@ from ``detections.jsonl``) and ``confusion_matrix.png`` (from a detector's
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -36,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from elinspect import plots as figures
+from elinspect.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,10 @@ DEFAULT_METRIC_PREFIXES = ("test/",)
 
 PLOTS_DIR = "plots"
 MAX_BAR_METRICS = 9
+
+
+class ReportError(UserError):
+    """A run directory or one of its files cannot be reported on (the message names it)."""
 
 
 def find_jobs(root: Path) -> list[Path]:
@@ -93,7 +96,7 @@ def pick_metrics(frame: pd.DataFrame, metrics: list[str] | None) -> list[str]:
     if metrics:
         missing = [m for m in metrics if m not in frame.columns]
         if missing:
-            raise SystemExit(f"metrics not logged by any job: {missing}; logged: {sorted(frame.columns)}")
+            raise ReportError(f"metrics not logged by any job: {missing}; logged: {sorted(frame.columns)}")
         return metrics
     return sorted(c for c in frame.columns if str(c).startswith(DEFAULT_METRIC_PREFIXES))
 
@@ -165,7 +168,7 @@ def read_predictions(job: Path) -> pd.DataFrame | None:
     frame = pd.read_csv(path)
     missing = {"target", "score", "predicted"} - set(frame.columns)
     if missing:
-        raise SystemExit(f"{path}: columns {sorted(missing)} missing (found {list(frame.columns)})")
+        raise ReportError(f"{path}: columns {sorted(missing)} missing (found {list(frame.columns)})")
     return frame
 
 
@@ -176,7 +179,7 @@ def read_job_detections(job: Path) -> list[dict] | None:
     try:
         return figures.read_detections(path)
     except ValueError as err:
-        raise SystemExit(str(err)) from err
+        raise ReportError(str(err)) from err
 
 
 def read_history(job: Path) -> dict[str, pd.DataFrame]:
@@ -347,10 +350,10 @@ def report(
     table when ``console``; return it."""
     root = Path(root)
     if not root.is_dir():
-        raise SystemExit(f"{root} is not a directory (give a run or multirun directory under logs/)")
+        raise ReportError(f"{root} is not a directory (give a run or multirun directory under logs/)")
     frame = collect(root)
     if frame.empty:
-        raise SystemExit(f"no runs (directories with .hydra/) below {root}")
+        raise ReportError(f"no runs (directories with .hydra/) below {root}")
     chosen = pick_metrics(frame, metrics)
     failed = int((frame["status"] == "failed").sum())
     if per_job:
@@ -369,22 +372,3 @@ def report(
         title = f"{root} — {len(frame)} jobs" + (f", {failed} failed" if failed else "")
         Console(width=max(120, 14 * len(table.columns))).print(to_rich(table, title))
     return table
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("dir", type=Path, help="a run directory or a multirun directory")
-    parser.add_argument("--metrics", nargs="+", help="metric columns (default: every test/ metric)")
-    parser.add_argument(
-        "--by", nargs="+", help="override keys that define a configuration (default: all but seed/fold)"
-    )
-    parser.add_argument("--no-aggregate", dest="per_job", action="store_true", help="one row per job")
-    parser.add_argument("--no-plots", dest="plots", action="store_false", help="write the table only")
-    args = parser.parse_args(argv)
-    report(args.dir, args.metrics, args.by, args.per_job, args.plots)
-
-
-if __name__ == "__main__":
-    main()

@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
-from elinspect.utils.build import (
+from elinspect.build import (
     build_datamodule_and_model,
     build_trainer,
     log_hyperparameters,

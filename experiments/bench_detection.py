@@ -85,7 +85,7 @@ from elinspect.data.synthetic.pvel import write_pvel_dataset  # noqa: E402
 from elinspect.models.build import build_model, effective_loss_config  # noqa: E402
 from elinspect.models.detection.attention import CosineNonLocalAttention  # noqa: E402
 from elinspect.models.detection.module import DetectionModule, model_targets  # noqa: E402
-from elinspect.utils.build import CONFIG_DIR  # noqa: E402
+from elinspect.utils.paths import CONFIG_DIR  # noqa: E402
 
 MODELS = ("faster_rcnn", "ebba", "baf")
 BACKBONES = ("resnet50", "resnet101", "efficientnet_lite0:imagenet")
@@ -130,7 +130,7 @@ def compose_config(model: str, backbone: str, weights: str | None, root: Path) -
 
 
 def build_bench(cfg: DictConfig, name: str, backbone: str, weights: str | None, info: DatasetInfo) -> Bench:
-    """Loss → model → optimiser, as ``elinspect.utils.build`` and Lightning do them."""
+    """Loss → model → optimiser, as ``elinspect.build`` and Lightning do them."""
     torch.manual_seed(0)
     module = build_model(cfg.model, effective_loss_config(cfg), info)
     optimizer = module.configure_optimizers()["optimizer"]

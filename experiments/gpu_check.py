@@ -53,8 +53,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 import elinspect.utils.resolvers  # noqa: E402, F401  (registers the config resolvers)
+from elinspect.build import build_datamodule_and_model  # noqa: E402
 from elinspect.models.detection.module import model_targets  # noqa: E402
-from elinspect.utils.build import CONFIG_DIR, build_datamodule_and_model  # noqa: E402
+from elinspect.utils.paths import CONFIG_DIR  # noqa: E402
 
 WHEELHOUSE = REPO / "wheelhouse"
 DEVICE_LIMIT_BYTES = 64 * 2**20  # the device tool's cap on the tree plus what `carry` names

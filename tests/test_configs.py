@@ -80,7 +80,7 @@ def test_every_debug_option_states_its_promise() -> None:
 
 @pytest.mark.parametrize("option", group_options("debug"))
 def test_debug_options_set_what_their_names_say(make_cfg, option: str) -> None:
-    from elinspect.utils.build import build_trainer
+    from elinspect.build import build_trainer
 
     cfg = make_cfg("train.yaml", [f"debug={option}", "logger=csv"])
     assert cfg.data.num_workers == 0 and cfg.task_name == "debug"

@@ -40,12 +40,13 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from omegaconf import OmegaConf, open_dict, read_write
 from torch.utils.data import DataLoader, Dataset
 
+from elinspect.build import build_datamodule_and_model, build_trainer, trainer_arguments
 from elinspect.data.folder import FolderDataModule
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimModule
 from elinspect.train import DistributedLaunchError, check_distributed_launch, sweeper_value
 from elinspect.utils import speed
-from elinspect.utils.build import DDPStrategy, build_datamodule_and_model, build_trainer, trainer_arguments
+from elinspect.utils.ddp import DDPStrategy
 from elinspect.utils.speed import SpeedCallback, auto_num_workers, auto_pin_memory, inference_modules
 from tests.conftest import CONFIG_DIR, FAST_DETECTOR_OVERRIDES, REPO, group_options
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from elinspect.build import stored_config
 from elinspect.data.info import DatasetInfo
 from elinspect.explain import (
     Explainer,
@@ -30,7 +31,6 @@ from elinspect.explain import (
 )
 from elinspect.inference import CheckpointError, load_model
 from elinspect.models.build import build_model, effective_loss_config
-from elinspect.utils.build import stored_config
 from tests.conftest import FAST_DETECTOR_OVERRIDES, REPO
 
 

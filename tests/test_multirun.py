@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from elinspect.report import report
+from elinspect.reporting import report
 from elinspect.utils.task import FAILED_MARKER
 from tests.conftest import REPO
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from elinspect.build import build_datamodule_and_model
 from elinspect.callbacks.test_predictions import TestPredictionsCallback, image_rows
 from elinspect.metrics.detection import DetectionMetrics
 from elinspect.plots import (
@@ -30,8 +31,8 @@ from elinspect.plots import (
     roc_curve,
     training_history,
 )
-from elinspect.report import aggregate_numbers, collect, job_plots, main, report
-from elinspect.utils.build import build_datamodule_and_model
+from elinspect.report import main
+from elinspect.reporting import ReportError, aggregate_numbers, collect, job_plots, report
 from tests.conftest import FAST_DETECTOR_OVERRIDES, REPO
 
 
@@ -296,11 +297,11 @@ def test_report_cli_keeps_its_table_only_mode(sweep: Path) -> None:
 def test_report_names_a_bad_test_file(sweep: Path) -> None:
     (sweep / "1" / "test" / "predictions.csv").write_text("index,score\n0,0.5\n")
     with pytest.raises(
-        SystemExit, match=r"1/test/predictions.csv: columns \['predicted', 'target'\] missing"
+        ReportError, match=r"1/test/predictions.csv: columns \['predicted', 'target'\] missing"
     ):
         job_plots(sweep / "1")
     (sweep / "2" / "test" / "detections.jsonl").write_text('{"gt": \n')
-    with pytest.raises(SystemExit, match="2/test/detections.jsonl, line 1: not JSON"):
+    with pytest.raises(ReportError, match="2/test/detections.jsonl, line 1: not JSON"):
         job_plots(sweep / "2")
 
 

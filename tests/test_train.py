@@ -285,7 +285,7 @@ def test_the_default_job_is_semacnn_and_eval_reproduces_its_test_metrics(
 def test_the_run_builder_asks_the_data_for_what_the_model_calibrates_on(
     make_cfg, model: str, asked: set
 ) -> None:
-    from elinspect.utils.build import build_datamodule_and_model
+    from elinspect.build import build_datamodule_and_model
 
     cfg = make_cfg(
         "train.yaml", [f"model={model}", *FAST_DATA_OVERRIDES["elpv"], *fast_model_overrides(model)]

@@ -16,8 +16,8 @@
 
 * after the first stage that ends (fit in ``train``, test in ``eval``) a ``config`` artifact
   ``config-<run id>``: the resolved ``config.yaml`` the entry point writes
-  (:func:`~elinspect.utils.build.save_resolved_config`) and Hydra's ``.hydra/{config,overrides,hydra}.yaml``;
-* after a test, the run's report (:func:`elinspect.report.report` on the run directory:
+  (:func:`~elinspect.build.save_resolved_config`) and Hydra's ``.hydra/{config,overrides,hydra}.yaml``;
+* after a test, the run's report (:func:`elinspect.reporting.report` on the run directory:
   ``report.md``, ``report.csv``, ``plots/*.png``) and the test outputs
   (``test/predictions.csv`` or ``test/detections.jsonl``, ``test/confusion_matrix.*``) as a
   ``report`` artifact ``report-<run id>``, and each plot as an image panel under
@@ -41,6 +41,8 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from elinspect.reporting import PLOTS_DIR, report
 
 log = logging.getLogger(__name__)
 
@@ -174,14 +176,12 @@ class WandbDashboardCallback(L.Callback):
         return artifact
 
     def _log_report(self, trainer: L.Trainer, loggers: list[WandbLogger], run_dir: Path) -> None:
-        from elinspect.report import PLOTS_DIR, report
-
         for logger in trainer.loggers:  # the report reads the CSV log, which Lightning flushes after teardown
             if isinstance(logger, CSVLogger):
                 logger.save()
         try:
             report(run_dir, console=False)
-        except (Exception, SystemExit) as err:  # a report problem must not fail the finished run
+        except Exception as err:  # a report problem must not fail the finished run
             log.warning("no report for the W&B dashboard of %s: %s", run_dir, err)
             return
         pictures = sorted((run_dir / PLOTS_DIR).glob("*.png"))

@@ -450,7 +450,7 @@ def build_for_profile(overrides: list[str], num_classes: int) -> nn.Module:
     import elinspect.utils.resolvers  # noqa: F401
     from elinspect.data.info import DatasetInfo
     from elinspect.models.build import build_model, effective_loss_config
-    from elinspect.utils.build import CONFIG_DIR
+    from elinspect.utils.paths import CONFIG_DIR
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         cfg = compose(config_name="train.yaml", overrides=overrides)

@@ -1,7 +1,7 @@
 """Speed knobs that are not Trainer arguments, and loader settings sized to the machine.
 
 ``conf/trainer/*.yaml`` hold them under ``speed`` (see ``conf/trainer/default.yaml``);
-:func:`~elinspect.utils.build.build_trainer` takes that node out of the Trainer's arguments,
+:func:`~elinspect.build.build_trainer` takes that node out of the Trainer's arguments,
 resolves ``precision: auto`` (:func:`resolve_precision`), sets the float32 matmul precision and
 adds a :class:`SpeedCallback` that puts the model in channels-last memory format and compiles
 its inference network with ``torch.compile``. The datamodules' ``num_workers: auto`` and

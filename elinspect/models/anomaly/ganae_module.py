@@ -153,7 +153,7 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
     task: ClassVar[str] = "anomaly"
     loss_kind: ClassVar[str] = "reconstruction"
     # each stage trains one part (critic and generator, then the encoder): under DDP the other
-    # parts' parameters get no gradient in a step (see utils.build.DDPStrategy)
+    # parts' parameters get no gradient in a step (see utils.ddp.DDPStrategy)
     ddp_find_unused_parameters: ClassVar[bool] = True
 
     def __init__(
