@@ -116,6 +116,15 @@ EXPERIMENT_PROMISES: dict[str, tuple[set[str], dict]] = {
     "baf_pvel": (set(), {**EBBA_TRAINING, "data.classes": "ebba2"}),
     "faster_rcnn_pvel": (set(), {**EBBA_TRAINING, "data.classes": "ebba2"}),
     "faster_rcnn_synthetic": (set(), {"data.classes": "ebba5"}),
+    "neu_det": (
+        {"model", "seed"},
+        {
+            "model.detector.backbone.name": "efficientnet_lite0",
+            "model.detector.backbone.weights": "imagenet",
+            "model.scheduler._target_": "warmup_multistep_lr",
+            "data.image_size": 256,
+        },
+    ),
     "elpv_classifier": (set(), {"data.num_folds": 4, "data.image_size": 300, "data.threshold": 0.0}),
     "semacnn_elpv": (
         {"data.threshold", "data.fold"},

@@ -28,6 +28,7 @@ from elinspect.models import build as model_build
 from elinspect.models.base import CHECKPOINT_KEY
 from elinspect.models.build import build_model, effective_loss_config
 from elinspect.models.detection import DetectionModule, build_faster_rcnn
+from elinspect.models.schedules import warmup_multistep_lr
 
 CLASSES = ["crack", "finger", "black_core"]
 DATASET = {"task": "detection", "class_names": CLASSES, "in_channels": 3, "class_counts": [2, 2, 2]}
@@ -431,3 +432,21 @@ def test_detection_callbacks_are_the_default_ones_plus_visuals(make_cfg) -> None
     default = make_cfg("train.yaml", ["callbacks=default"])
     detection = make_cfg("train.yaml", ["callbacks=detection"])
     assert set(detection.callbacks) == {*default.callbacks, "detection_visuals"}
+
+
+def test_any_detector_gets_the_warm_up_schedule_with_milestones_in_epochs() -> None:
+    """The warm-up + step schedule is not RDDN's alone: every module fills in its steps per epoch."""
+    module = make_module()
+    module.scheduler_factory = functools.partial(warmup_multistep_lr, milestones=[3], warmup_iters=5)
+    module.scheduler_interval = "step"
+    module._trainer = SimpleNamespace(train_dataloader=[], num_training_batches=10, accumulate_grad_batches=1)
+    config = module.configure_optimizers()
+    decay = config["lr_scheduler"]["scheduler"]._schedulers[1]
+    assert sorted(decay.milestones) == [30]  # epoch 3 at 10 steps per epoch
+    # milestones already in steps, or a scheduler without steps_per_epoch: nothing is filled in
+    module.scheduler_factory = functools.partial(
+        warmup_multistep_lr, milestones=[7], warmup_iters=5, milestone_unit="step"
+    )
+    assert sorted(module.configure_optimizers()["lr_scheduler"]["scheduler"]._schedulers[1].milestones) == [7]
+    module.scheduler_factory = functools.partial(torch.optim.lr_scheduler.MultiStepLR, milestones=[2])
+    assert sorted(module.configure_optimizers()["lr_scheduler"]["scheduler"].milestones) == [2]

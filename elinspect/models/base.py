@@ -3,6 +3,8 @@ optimiser/scheduler wiring, and the run's config stored in each checkpoint."""
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -51,7 +53,7 @@ class ElinspectModule(L.LightningModule):
         optimizer = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
-        scheduler = self.scheduler_factory(optimizer=optimizer)
+        scheduler = self.scheduler_factory(optimizer=optimizer, **self.schedule_length())
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
@@ -61,6 +63,30 @@ class ElinspectModule(L.LightningModule):
                 "frequency": 1,
             },
         }
+
+    def schedule_length(self) -> dict[str, int]:
+        """What a scheduler needs to know of the run's length, read off the trainer when training
+        starts: ``steps_per_epoch`` for a scheduler that takes it unset with milestones in epochs
+        (:func:`~elinspect.models.schedules.warmup_multistep_lr`)."""
+        factory = self.scheduler_factory
+        keywords = getattr(factory, "keywords", {})
+        wants = (
+            "steps_per_epoch" in inspect.signature(factory).parameters
+            and keywords.get("steps_per_epoch") is None
+            and keywords.get("milestone_unit", "epoch") == "epoch"
+        )
+        return {"steps_per_epoch": self.steps_per_epoch()} if wants else {}
+
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps per training epoch, as Lightning counts them (limits and gradient
+        accumulation included)."""
+        trainer = self.trainer
+        if trainer.train_dataloader is None:
+            trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches
+        if math.isinf(batches):
+            raise ConfigError("milestones in epochs need a training dataloader with a length")
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {

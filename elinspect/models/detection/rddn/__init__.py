@@ -18,8 +18,8 @@ from elinspect.models.detection.rddn.post import (
     template_post_rescore,
 )
 from elinspect.models.detection.rddn.ptg import PseudoTemplateGenerator, StageGenerator
-from elinspect.models.detection.rddn.schedule import warmup_multistep_lr
 from elinspect.models.detection.rddn.template_reference import ReferenceTransform, template_difference
+from elinspect.models.schedules import warmup_multistep_lr
 
 __all__ = [
     "TEMPLATE_MODES",

@@ -14,15 +14,13 @@ key, the template mode and the datasets that provide it. PTG's reconstruction lo
 of the total and logged as ``train/loss_ptg``.
 
 The step schedule of the paper (warm-up, decay at epochs 16 and 22) is
-:func:`~elinspect.models.detection.rddn.schedule.warmup_multistep_lr`; this module gives it
-the number of optimiser steps per epoch when training starts.
+:func:`~elinspect.models.schedules.warmup_multistep_lr`, given the number of optimiser steps
+per epoch by :class:`~elinspect.models.base.ElinspectModule` when training starts.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -203,31 +201,3 @@ class RddnModule(DetectionModule):
             return self.model(list(batch))
         images, targets = batch
         return self.model(list(images), **self.reference_inputs(targets, "predict"))
-
-    def steps_per_epoch(self) -> int:
-        """Optimiser steps per training epoch, as Lightning counts them (limits and gradient
-        accumulation included)."""
-        trainer = self.trainer
-        if trainer.train_dataloader is None:
-            trainer.fit_loop.setup_data()
-        batches = trainer.num_training_batches
-        if math.isinf(batches):
-            raise ValueError("milestones in epochs need a training dataloader with a length")
-        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        factory: Callable[..., Any] | None = self.scheduler_factory
-        keywords = getattr(factory, "keywords", {})
-        wants = (
-            factory is not None
-            and "steps_per_epoch" in inspect.signature(factory).parameters
-            and keywords.get("steps_per_epoch") is None
-            and keywords.get("milestone_unit", "epoch") == "epoch"
-        )
-        if not wants:
-            return super().configure_optimizers()
-        self.scheduler_factory = functools.partial(factory, steps_per_epoch=self.steps_per_epoch())
-        try:
-            return super().configure_optimizers()
-        finally:
-            self.scheduler_factory = factory

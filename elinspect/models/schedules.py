@@ -1,6 +1,7 @@
-"""RDDN's learning-rate schedule (``rddn.txt`` §III.C.5): linear warm-up, then step decay.
+"""Linear warm-up, then step decay: the detection schedule of mmdetection and torchvision's
+references, which RDDN's paper uses (``rddn.txt`` §III.C.5) and any model may take.
 
-"We train models for 24 epochs, and decay the learning rate by 10 times at 16th and 22th
+RDDN: "We train models for 24 epochs, and decay the learning rate by 10 times at 16th and 22th
 epochs. We adopt a linear warmup strategy at the first 500 training iterations" — the
 mmdetection schedule the paper borrows its values from. Built from torch's own schedulers:
 a :class:`~torch.optim.lr_scheduler.ChainedScheduler` of
@@ -11,9 +12,8 @@ every iteration (``scheduler_interval: step``), so the learning rate is
 ``SequentialLR`` would restart the step decay's count after the warm-up and shift every
 milestone by ``warmup_iters``.)
 
-Milestones in epochs become iterations through ``steps_per_epoch``, which
-:class:`~elinspect.models.detection.rddn.module.RddnModule` reads off the trainer when
-training starts.
+Milestones in epochs become iterations through ``steps_per_epoch``, which every
+:class:`~elinspect.models.base.ElinspectModule` reads off the trainer when training starts.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def warmup_multistep_lr(
     if milestone_unit == "epoch":
         if steps_per_epoch is None or steps_per_epoch < 1:
             raise ValueError(
-                "milestone_unit='epoch' needs steps_per_epoch >= 1 (RddnModule passes it when training "
+                "milestone_unit='epoch' needs steps_per_epoch >= 1 (every ElinspectModule passes it when training "
                 f"starts), got {steps_per_epoch}"
             )
         steps = [int(m) * int(steps_per_epoch) for m in milestones]
