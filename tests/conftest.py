@@ -139,8 +139,9 @@ class DetectionData:
 def write_detection_data(out: Path) -> DetectionData:
     """24 PVEL-AD-like images of 128 px (VOC layout) and COCO files of the same boxes."""
     from elinspect.data.errors import ErrorTally
+    from elinspect.data.pvel import PVEL_CLASSES
     from elinspect.data.readers import read_voc_split, write_coco
-    from elinspect.data.synthetic.pvel import PVEL_CLASSES, write_pvel_dataset
+    from elinspect.data.synthetic.pvel import write_pvel_dataset
 
     summary = write_pvel_dataset(out / "PVEL-AD", num_images=24, seed=0, image_size=128, normal_fraction=0.25)
     coco_root = out / "COCO"

@@ -23,10 +23,9 @@ from elinspect.data.detection import (
     ratio_split,
 )
 from elinspect.data.errors import DatasetError
-from elinspect.data.pvel import PvelAdDataModule
+from elinspect.data.pvel import PVEL_CLASSES, PvelAdDataModule
 from elinspect.data.readers.voc import CONTROL_CHARS, IGNORED_CLASS, MISSING_IMAGE, NO_NAME
 from elinspect.data.records import DetectionRecord
-from elinspect.data.synthetic.pvel import PVEL_CLASSES
 from elinspect.data.voc import VocDataModule
 
 EBBA5 = ["crack", "finger", "black_core", "thick_line", "star_crack"]

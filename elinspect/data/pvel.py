@@ -19,9 +19,24 @@ from typing import Literal
 
 from elinspect.data.detection import Resize, class_list
 from elinspect.data.errors import ErrorTally, OnError
-from elinspect.data.synthetic.pvel import PVEL_CLASSES
 from elinspect.data.voc import VocLayoutDataModule
 from elinspect.utils.errors import ConfigError
+
+PVEL_CLASSES: tuple[str, ...] = (
+    "crack",
+    "finger",
+    "black_core",
+    "thick_line",
+    "star_crack",
+    "corner",
+    "fragment",
+    "scratch",
+    "horizontal_dislocation",
+    "vertical_dislocation",
+    "printing_error",
+    "short_circuit",
+)
+"""The 12 PVEL-AD class names, as written in the real annotations."""
 
 
 class PvelAdDataModule(VocLayoutDataModule):

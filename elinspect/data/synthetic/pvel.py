@@ -29,22 +29,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-PVEL_CLASSES: tuple[str, ...] = (
-    "crack",
-    "finger",
-    "black_core",
-    "thick_line",
-    "star_crack",
-    "corner",
-    "fragment",
-    "scratch",
-    "horizontal_dislocation",
-    "vertical_dislocation",
-    "printing_error",
-    "short_circuit",
-)
-"""The 12 PVEL-AD class names, as written in the real annotations."""
-
 JPEG_QUALITY = 92
 DIFFICULT_P = 0.05  # share of objects flagged difficult=1
 DEPTH1_P = 0.15  # share of XMLs declaring depth 1 (the JPEG is 3-channel regardless)
