@@ -53,10 +53,10 @@ from torch.nn import functional as F
 from torchvision.ops import boxes as box_ops
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
-from elinspect.callbacks.detection_visuals import draw_detections
 from elinspect.data.detection import resize_with_boxes
 from elinspect.data.images import read_image, to_tensor_layout
 from elinspect.data.transforms import resize
+from elinspect.drawing import draw_detections
 from elinspect.inference import load_model
 from elinspect.utils.checkpoint import read_checkpoint
 from elinspect.utils.errors import UserError, user_errors

@@ -45,9 +45,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torchvision.io import write_png
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
-from elinspect.callbacks.anomaly_visuals import heatmap_overlay
-from elinspect.callbacks.detection_visuals import draw_detections
 from elinspect.data.errors import DatasetError, ErrorTally
+from elinspect.drawing import draw_detections, heatmap_overlay
 from elinspect.inference import (
     ImageFiles,
     InputError,

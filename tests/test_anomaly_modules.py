@@ -18,7 +18,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 from torchvision.io import read_image
 
-from elinspect.callbacks.anomaly_visuals import AnomalyHeatmapCallback, heatmap_overlay
+from elinspect.callbacks.anomaly_visuals import AnomalyHeatmapCallback
+from elinspect.drawing import heatmap_overlay
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimModule
 from elinspect.models.anomaly.semacnn import SemaCnnModule

@@ -16,6 +16,7 @@ LAYERS = {
     "metrics": 1,
     "losses": 1,
     "plots": 1,
+    "drawing": 1,
     "reporting": 1,
     "callbacks": 2,
     "models": 2,

@@ -1,5 +1,5 @@
 """Lightning callbacks of elinspect (configured in ``conf/callbacks/``)."""
 
-from elinspect.callbacks.detection_visuals import DetectionVisualsCallback, draw_detections
+from elinspect.callbacks.detection_visuals import DetectionVisualsCallback
 
-__all__ = ["DetectionVisualsCallback", "draw_detections"]
+__all__ = ["DetectionVisualsCallback"]

@@ -23,20 +23,8 @@ import torch
 from torch import Tensor
 
 from elinspect.callbacks.pictures import epoch_directory, save_and_log_pictures
+from elinspect.drawing import heatmap_overlay
 from elinspect.utils.errors import ConfigError
-
-
-def heatmap_overlay(
-    image: Tensor, heatmap: Tensor, vmax: float, alpha: float = 0.5, cmap: str = "jet"
-) -> Tensor:
-    """uint8 3×H×(2W): the image (C×H×W in [0, 1]) beside its blend with ``heatmap`` (1×H×W or
-    H×W, coloured on the scale 0 … ``vmax``)."""
-    grey = image.detach().cpu().float().clamp(0, 1).mean(dim=0)
-    level = (heatmap.detach().cpu().float().reshape(grey.shape) / max(vmax, 1e-12)).clamp(0, 1)
-    colour = torch.from_numpy(matplotlib.colormaps[cmap](level.numpy())[..., :3]).permute(2, 0, 1).float()
-    rgb = grey.expand(3, -1, -1)
-    blend = (1 - alpha) * rgb + alpha * colour
-    return (torch.cat([rgb, blend], dim=2) * 255).round().to(torch.uint8)
 
 
 class AnomalyHeatmapCallback(L.Callback):

@@ -17,59 +17,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torchvision.utils import draw_bounding_boxes
 
 from elinspect.callbacks.pictures import epoch_directory, save_and_log_pictures
+from elinspect.drawing import draw_detections
 from elinspect.utils.errors import ConfigError
-
-GT_COLOUR = "lime"
-DIFFICULT_COLOUR = "yellow"
-PRED_COLOUR = "red"
-
-
-def draw_detections(
-    image: Tensor,
-    target: dict[str, Tensor] | None,
-    pred: dict[str, Tensor] | None,
-    class_names: list[str] | None = None,
-    score_threshold: float = 0.3,
-) -> Tensor:
-    """``image`` (C×H×W float in [0, 1] or uint8) with ground-truth and predicted boxes, as uint8 3×H×W."""
-    image = image.detach().cpu()
-    if image.is_floating_point():
-        image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
-    if image.shape[0] == 1:
-        image = image.expand(3, -1, -1)
-
-    def name(label: int) -> str:
-        if class_names and 1 <= label <= len(class_names):
-            return class_names[label - 1]
-        return str(label)
-
-    if target is not None and len(target["boxes"]):
-        difficult = target.get("difficult")
-        difficult = [False] * len(target["boxes"]) if difficult is None else difficult.tolist()
-        image = draw_bounding_boxes(
-            image,
-            target["boxes"].detach().cpu().float(),
-            labels=[name(int(label)) for label in target["labels"]],
-            colors=[DIFFICULT_COLOUR if d else GT_COLOUR for d in difficult],
-            width=2,
-        )
-    if pred is not None:
-        keep = pred["scores"] >= score_threshold
-        if keep.any():
-            image = draw_bounding_boxes(
-                image,
-                pred["boxes"][keep].detach().cpu().float(),
-                labels=[
-                    f"{name(int(label))} {float(score):.2f}"
-                    for label, score in zip(pred["labels"][keep], pred["scores"][keep], strict=True)
-                ],
-                colors=PRED_COLOUR,
-                width=2,
-            )
-    return image
 
 
 class DetectionVisualsCallback(L.Callback):
