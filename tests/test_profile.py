@@ -14,9 +14,9 @@ from elinspect.models.profile import (
     OTHER,
     group_of,
     group_roots,
-    main,
     profile_groups,
 )
+from elinspect.profile import main
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -45,7 +45,6 @@ its *test* numbers of proposals):
 from __future__ import annotations
 
 import fnmatch
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -438,31 +437,6 @@ def group_table(rows: Sequence[GroupProfile], title: str = "") -> Any:
     return table
 
 
-# ----------------------------------------------------------------------------- command line
-
-
-def build_for_profile(overrides: list[str], num_classes: int) -> nn.Module:
-    """The model ``python -m elinspect.train <overrides>`` would train, for ``num_classes``
-    classes (no dataset needed: class names and counts are placeholders)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import get_class
-
-    import elinspect.utils.resolvers  # noqa: F401
-    from elinspect.data.info import DatasetInfo
-    from elinspect.models.build import build_model, effective_loss_config
-    from elinspect.utils.paths import CONFIG_DIR
-
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
-        cfg = compose(config_name="train.yaml", overrides=overrides)
-    info = DatasetInfo(
-        task=get_class(cfg.model._target_).task,
-        class_names=tuple(f"class_{i}" for i in range(num_classes)),
-        in_channels=3,
-        class_counts=(1,) * num_classes,
-    )
-    return build_model(cfg.model, effective_loss_config(cfg), info)
-
-
 def profile_inputs(module: nn.Module, images: list[Tensor]) -> tuple[nn.Module, tuple, dict]:
     """The network to profile and its call arguments for a batch of ``images``.
 
@@ -482,81 +456,3 @@ def profile_inputs(module: nn.Module, images: list[Tensor]) -> tuple[nn.Module, 
         generator = torch.Generator().manual_seed(1)
         kwargs["templates"] = [torch.rand(img.shape, generator=generator).to(img.device) for img in images]
     return network, (images,), kwargs
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m elinspect.models.profile model=rddn [--classes 5] [--image-size 800] [--batch 1]
-    [--time] [--runs 3] [--device cpu] [--threads N] [--depth 3] [--params-only] [overrides…]``"""
-    import argparse
-
-    from rich.console import Console
-    from rich.table import Table
-
-    parser = argparse.ArgumentParser(
-        description="Parameters per module, and parameters / memory / time per module group "
-        "(RDDN Table VIII), of a configured model."
-    )
-    parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m elinspect.train")
-    parser.add_argument("--classes", type=int, default=5, help="number of classes (default 5, EBBA's)")
-    parser.add_argument("--depth", type=int, default=3, help="module-path depth of the parameter table")
-    parser.add_argument(
-        "--params-only", action="store_true", help="only the parameter table (no forward pass)"
-    )
-    parser.add_argument("--image-size", type=int, default=800, help="side of the square random input images")
-    parser.add_argument("--batch", type=int, default=1, help="images per forward pass")
-    parser.add_argument("--time", action="store_true", help="also time each group's forward")
-    parser.add_argument("--runs", type=int, default=3, help="timed passes, after one warm-up")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, …")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    model = build_for_profile(args.overrides, args.classes)
-    name = " ".join(args.overrides) or "the default model"
-    # wide enough for the group table's columns when the output is a file or a pipe (80 by default)
-    console = Console(width=None if sys.stdout.isatty() else 140)
-
-    rows = parameter_table(model, depth=args.depth)
-    total = sum(n for _, n in rows)
-    table = Table(title=f"parameters of {name} ({args.classes} classes)")
-    table.add_column("module")
-    table.add_column("parameters", justify="right")
-    table.add_column("share", justify="right")
-    for path, n in rows:
-        table.add_row(path, f"{n / 1e6:.3f} M", f"{100 * n / total:.1f} %")
-    table.add_row("total", f"{total / 1e6:.2f} M", "100 %", style="bold")
-    console.print(table)
-    if args.params_only:
-        return
-
-    device = torch.device(args.device)
-    model.to(device)
-    generator = torch.Generator().manual_seed(0)
-    images = [
-        torch.rand(3, args.image_size, args.image_size, generator=generator).to(device)
-        for _ in range(args.batch)
-    ]
-    network, call_args, call_kwargs = profile_inputs(model, images)
-    groups = profile_groups(network, call_args, call_kwargs, time_it=args.time, runs=args.runs)
-    console.print(
-        group_table(
-            groups,
-            title=f"{name}: per module group, {args.batch} × {args.image_size}² input, eval mode, {device}",
-        )
-    )
-    console.print(
-        "Paras: the RDDN paper's Table VIII convention, parameters and their gradients (8 bytes per "
-        "parameter; param MiB is the weights alone). "
-        "activations: tensors autograd saves for backward during the group's forward; outputs: tensors "
-        "the group returns; peak: CUDA allocator peak above the group's start (not measurable on CPU); "
-        f"time: mean of {args.runs} no-grad passes after 1 warm-up, exclusive of nested groups. "
-        "The model's transform resizes the input (min_size / max_size)."
-        if args.time
-        else "activations: tensors autograd saves for backward during the group's forward; outputs: tensors "
-        "the group returns; peak: CUDA allocator peak above the group's start (not measurable on CPU). "
-        "Add --time for forward times."
-    )
-
-
-if __name__ == "__main__":
-    main()

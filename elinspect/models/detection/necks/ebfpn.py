@@ -102,7 +102,7 @@ class EBFPN(nn.Module):
         cross_layer: add ``lateral_i(Ci)`` in the bottom-up path (EBFPN's cross-layer skip).
         lateral: ``shared`` (default): the skip is the top-down path's own ``conv1x1(Ci)`` (no
             extra parameters; this matches the paper's 62.74 M parameters to 0.01 M, where
-            ``separate`` 1×1 convs add 0.92 M for ResNet-101: ``python -m elinspect.models.profile
+            ``separate`` 1×1 convs add 0.92 M for ResNet-101: ``python -m elinspect.profile
             model=ebba``); ``separate``: each skip has its own 1×1 conv.
         bottom_up: keep EBFPN's bottom-up path (false: FPN levels P2..P5 go on directly).
         balanced_attention: apply the B-A module to B2..B5.
