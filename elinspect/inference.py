@@ -44,10 +44,9 @@ from torch.utils.data import DataLoader, Dataset
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
 from elinspect.data.cell_crop import cut_out_cell
-from elinspect.data.detection import DetectionDataModule, resize_with_boxes
-from elinspect.data.elpv import ElpvDataModule
+from elinspect.data.detection import resize_with_boxes
 from elinspect.data.errors import DatasetError
-from elinspect.data.folder import IMAGE_EXTENSIONS, FolderDataModule
+from elinspect.data.folder import IMAGE_EXTENSIONS
 from elinspect.data.images import read_image, to_tensor_layout
 from elinspect.data.info import DatasetInfo
 from elinspect.data.transforms import resize
@@ -165,33 +164,21 @@ def _with_defaults(cls: type, stored: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def preprocessing_from_config(data_cfg: Mapping[str, Any]) -> Preprocessing:
-    """The test-time preprocessing of the datamodule ``data_cfg`` configures (a stored config).
-
-    Mirrors each datamodule's test dataset: ELPV decodes grey and repeats it to ``channels``;
-    ``data=folder`` decodes grey for ``channels: 1``, RGB otherwise, and cuts out the cell
-    first with ``cell_crop``; the detection datamodules decode RGB and resize ``square`` or
-    ``longer`` (boxes are mapped back to the stored image's pixels by the caller).
-    """
+    """The test-time preprocessing of the datamodule ``data_cfg`` configures (a stored config):
+    what the datamodule class's ``eval_preprocessing`` says of its test dataset (for the
+    detection datamodules, boxes are mapped back to the stored image's pixels by the caller)."""
     target = data_cfg.get("_target_")
     try:
         cls = hydra.utils.get_class(target)
     except Exception as err:
         raise CheckpointError(f"the checkpoint's datamodule {target!r} cannot be imported: {err}") from err
-    hp = _with_defaults(cls, data_cfg)
-    if issubclass(cls, DetectionDataModule):
-        return Preprocessing(target, False, 3, hp.get("image_size"), hp["resize"], stack=False)
-    if issubclass(cls, ElpvDataModule):
-        return Preprocessing(target, True, int(hp["channels"]), int(hp["image_size"]))
-    if issubclass(cls, FolderDataModule):
-        crop = hp.get("cell_crop")
-        channels = int(hp["channels"])
-        return Preprocessing(
-            target, channels == 1, channels, int(hp["image_size"]), cell_crop=dict(crop) if crop else None
+    describe = getattr(cls, "eval_preprocessing", None)
+    if describe is None:
+        raise CheckpointError(
+            f"the checkpoint's datamodule {target} does not say how it prepares a test image "
+            "(a classmethod eval_preprocessing(hparams) -> the fields of Preprocessing)"
         )
-    raise CheckpointError(
-        f"the checkpoint's datamodule {target} is not one whose test preprocessing elinspect.inference knows "
-        "(ELPV, folder, the detection datamodules); add it to preprocessing_from_config"
-    )
+    return Preprocessing(target, **describe(_with_defaults(cls, data_cfg)))
 
 
 # ---------------------------------------------------------------------------- models

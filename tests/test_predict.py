@@ -409,3 +409,34 @@ def test_rddn_predicts_each_image_against_its_template(
         record = json.loads(line)
         assert record["model"] == "rddn" and isinstance(record["detections"], list)
         assert cv2.imread(str(out / record["overlay"])).shape[:2] == tuple(reversed(record["size"]))
+
+
+class OwnDataModule:
+    """A user's datamodule: only its eval_preprocessing tells predict how to read a test image."""
+
+    def __init__(self, root: str = "", size: int = 32) -> None:
+        self.root, self.size = root, size
+
+    @classmethod
+    def eval_preprocessing(cls, hparams: dict) -> dict:
+        return {"grey": True, "channels": 1, "image_size": int(hparams["size"])}
+
+
+class SilentDataModule:
+    def __init__(self, root: str = "") -> None:
+        self.root = root
+
+
+def test_each_datamodule_says_its_own_evaluation_preprocessing() -> None:
+    prep = preprocessing_from_config({"_target_": f"{__name__}.OwnDataModule", "size": 48})
+    assert (prep.grey, prep.channels, prep.image_size, prep.datamodule) == (
+        True,
+        1,
+        48,
+        f"{__name__}.OwnDataModule",
+    )
+    assert (
+        preprocessing_from_config({"_target_": f"{__name__}.OwnDataModule"}).image_size == 32
+    )  # its default
+    with pytest.raises(CheckpointError, match="does not say how it prepares a test image"):
+        preprocessing_from_config({"_target_": f"{__name__}.SilentDataModule"})

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import albumentations as A
 import cv2
@@ -358,6 +358,18 @@ class DetectionDataModule(SplitDataModule):
     tasks: ClassVar[frozenset[str]] = frozenset({"detection"})
     name: ClassVar[str] = "detection"
     provides_templates: ClassVar[bool] = False
+
+    @classmethod
+    def eval_preprocessing(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """How a test image becomes the model's input (:class:`elinspect.inference.Preprocessing`'s
+        fields): decoded RGB, resized ``square`` or ``longer`` to ``image_size``, one tensor per image."""
+        return {
+            "grey": False,
+            "channels": 3,
+            "image_size": hparams.get("image_size"),
+            "resize": hparams["resize"],
+            "stack": False,
+        }
 
     def __init__(self) -> None:
         super().__init__()

@@ -38,6 +38,7 @@ Headers are checked for a directory given as ``data.root``; the package's own 26
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -254,6 +255,12 @@ class ElpvDataModule(SplitDataModule):
     """ELPV splits for classifiers and anomaly detectors (see ``conf/data/elpv.yaml``)."""
 
     tasks: ClassVar[frozenset[str]] = frozenset({"classification", "anomaly"})
+
+    @classmethod
+    def eval_preprocessing(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """How a test cell becomes the model's input (:class:`elinspect.inference.Preprocessing`'s
+        fields): decoded grey, repeated to ``channels``, resized to ``image_size``²."""
+        return {"grey": True, "channels": int(hparams["channels"]), "image_size": int(hparams["image_size"])}
 
     def __init__(
         self,

@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -408,6 +408,20 @@ class FolderDataModule(SplitDataModule):
     """
 
     tasks: ClassVar[frozenset[str]] = frozenset({"anomaly", "classification"})
+
+    @classmethod
+    def eval_preprocessing(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """How a test image becomes the model's input (:class:`elinspect.inference.Preprocessing`'s
+        fields): decoded grey for 1 channel, else RGB; the cell cut out first with ``cell_crop``;
+        resized to ``image_size``²."""
+        channels = int(hparams["channels"])
+        crop = hparams.get("cell_crop")
+        return {
+            "grey": channels == 1,
+            "channels": channels,
+            "image_size": int(hparams["image_size"]),
+            "cell_crop": dict(crop) if crop else None,
+        }
 
     def __init__(
         self,
