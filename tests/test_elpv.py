@@ -205,7 +205,7 @@ def test_anomaly_models_fit_on_defect_free_cells_only_at_the_033_threshold() -> 
     models' training normals take p = 0 only, as padim_elpv (train_normal_only) does."""
     from types import SimpleNamespace
 
-    from elinspect.models.anomaly.normals import normal_images
+    from elinspect.data.normals import normal_images
     from elinspect.models.anomaly.padim import Padim
     from elinspect.models.anomaly.padim_module import PadimFitMixin
 

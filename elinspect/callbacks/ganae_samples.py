@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -29,9 +29,11 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from elinspect.callbacks.pictures import save_and_log_pictures
-from elinspect.models.anomaly.ganae import GanAe
-from elinspect.models.anomaly.normals import normal_images
+from elinspect.data.normals import normal_images
 from elinspect.utils.errors import ConfigError
+
+if TYPE_CHECKING:  # the callback reads any module's ``net`` with GanAe's methods
+    from elinspect.models.anomaly.ganae import GanAe
 
 
 @contextmanager
@@ -66,7 +68,7 @@ def reconstruction_grid(net: GanAe, images: Tensor) -> Tensor:
     """Rows: x, G(E(x)), |x − x̂| (scaled to its maximum), as one uint8 picture."""
     x = net.prepare(images.to(net.generator.fc.weight.device))
     x_hat = net.reconstruct(x)
-    residual = GanAe.residual_map(x, x_hat)
+    residual = net.residual_map(x, x_hat)
     residual = (residual / residual.max().clamp_min(1e-12)).expand(-1, x.shape[1], -1, -1)
     rows = torch.cat([x, x_hat, residual])
     return to_uint8_rgb(make_grid(rows, nrow=len(x), padding=2, pad_value=1.0))

@@ -30,9 +30,9 @@ from torch.nn import functional as F
 from torchmetrics.aggregation import CatMetric
 
 from elinspect.data.info import DatasetInfo
+from elinspect.data.normals import defect_free, normal_images
 from elinspect.losses.reconstruction import MseFeatureLoss, ReconstructionLoss
 from elinspect.models.anomaly.autoencoder import AutoencoderDetector, ConvAutoencoder, ImageScore, segment
-from elinspect.models.anomaly.normals import defect_free, normal_images
 from elinspect.models.anomaly.scoring import ThresholdedScoring
 from elinspect.models.anomaly.thresholds import best_f1_threshold, otsu_threshold, threshold_metrics
 from elinspect.models.base import ElinspectModule

@@ -62,10 +62,11 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.functional.classification import binary_auroc
 
+from elinspect.callbacks.ganae_samples import GanAeSamplesCallback
 from elinspect.data.info import DatasetInfo
+from elinspect.data.normals import defect_free, normal_images, unaugmented_normal_images
 from elinspect.losses.reconstruction import ReconstructionLoss, SsimFeatureLoss
 from elinspect.models.anomaly.ganae import GanAe, Norm, ScoreKind, critic_loss, generator_loss
-from elinspect.models.anomaly.normals import defect_free, normal_images, unaugmented_normal_images
 from elinspect.models.anomaly.scoring import ThresholdedScoring, check_finite_scores
 from elinspect.models.anomaly.thresholds import (
     best_f1_threshold,
@@ -355,8 +356,6 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
     def configure_callbacks(self) -> list[L.Callback]:
         if self.samples_every_n_epochs < 1:
             return []
-        from elinspect.callbacks.ganae_samples import GanAeSamplesCallback
-
         return [GanAeSamplesCallback(every_n_epochs=self.samples_every_n_epochs, num_images=self.num_samples)]
 
     # ------------------------------------------------------------------------ training

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from elinspect.data.info import DatasetInfo
-from elinspect.models.anomaly.normals import normal_images
+from elinspect.data.normals import normal_images
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.scoring import ThresholdedScoring
 from elinspect.models.anomaly.thresholds import best_f1_threshold, threshold_metrics

@@ -52,8 +52,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from elinspect.data.info import DatasetInfo
+from elinspect.data.normals import unaugmented_normal_images
 from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
-from elinspect.models.anomaly.normals import unaugmented_normal_images
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimFitMixin
 from elinspect.models.base import ElinspectModule
