@@ -248,13 +248,21 @@ FAST_DETECTOR_OVERRIDES = [
 ]
 
 
+def model_spec(model: str):
+    """``conf/model/<model>.yaml`` merged over the model configs its defaults list extends
+    (``semacnn`` extends ``padim``, ``ebba`` and ``rddn`` extend ``faster_rcnn``)."""
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.load(CONFIG_DIR / "model" / f"{model}.yaml")
+    bases = [entry for entry in spec.get("defaults", []) if isinstance(entry, str) and entry != "_self_"]
+    return OmegaConf.merge(*(model_spec(base) for base in bases), spec) if bases else spec
+
+
 def fast_model_overrides(model: str) -> list[str]:
     """Overrides that make ``conf/model/<model>.yaml`` quick; any config with a ``detector``
     node (every detection model, present and future) gets the small-detector settings, any
     with a ``padim`` node (PaDiM, SeMaCNN) a small feature grid and embedding."""
-    from omegaconf import OmegaConf
-
-    spec = OmegaConf.load(CONFIG_DIR / "model" / f"{model}.yaml")
+    spec = model_spec(model)
     fast = list(FAST_DETECTOR_OVERRIDES) if "detector" in spec else []
     if "test_min_size" in spec.get("detector", {}):  # RDDN tests at its own size (800 in the paper)
         fast.append("model.detector.test_min_size=64")
@@ -268,9 +276,7 @@ def fast_model_overrides(model: str) -> list[str]:
 def backbone_overrides(model: str, name: str, weights: str | None) -> list[str]:
     """Overrides that give every CNN of ``conf/model/<model>.yaml`` the registry backbone
     ``name`` with ``weights`` (the classifier's ``net``, PaDiM's, a detector's body)."""
-    from omegaconf import OmegaConf
-
-    spec = OmegaConf.load(CONFIG_DIR / "model" / f"{model}.yaml")
+    spec = model_spec(model)
     value = "null" if weights is None else weights
     out = []
     if "net" in spec:
