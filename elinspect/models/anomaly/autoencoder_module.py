@@ -33,9 +33,8 @@ from elinspect.data.info import DatasetInfo
 from elinspect.data.normals import defect_free, normal_images
 from elinspect.losses.reconstruction import MseFeatureLoss, ReconstructionLoss
 from elinspect.models.anomaly.autoencoder import AutoencoderDetector, ConvAutoencoder, ImageScore, segment
-from elinspect.models.anomaly.scoring import ThresholdedScoring
-from elinspect.models.anomaly.thresholds import best_f1_threshold, otsu_threshold, threshold_metrics
-from elinspect.models.base import ElinspectModule
+from elinspect.models.anomaly.base import AnomalyModule
+from elinspect.models.anomaly.thresholds import best_f1_threshold, otsu_threshold
 from elinspect.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,7 @@ THRESHOLDS = ("otsu", "f1")
 MAX_PIXELS = 4_000_000  # validation heatmap pixels kept for the pixel threshold
 
 
-class AutoencoderModule(ThresholdedScoring, ElinspectModule):
+class AutoencoderModule(AnomalyModule):
     """Autoencoder + residual heatmap + Otsu thresholds (see the module docstring).
 
     Args:
@@ -58,7 +57,6 @@ class AutoencoderModule(ThresholdedScoring, ElinspectModule):
         threshold: ``otsu`` (validation scores, unsupervised) | ``f1`` (validation, labelled).
     """
 
-    task: ClassVar[str] = "anomaly"
     loss_kind: ClassVar[str] = "reconstruction"
 
     def __init__(
@@ -106,9 +104,8 @@ class AutoencoderModule(ThresholdedScoring, ElinspectModule):
         )
         self.loss = loss if loss is not None else MseFeatureLoss()
         self.threshold_mode = threshold
-        self.register_buffer("threshold", torch.tensor(float("nan")))
-        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
         self.init_scoring()
+        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
         self.val_pixels = CatMetric()
         self._val_pixel_count = 0
 
@@ -129,7 +126,9 @@ class AutoencoderModule(ThresholdedScoring, ElinspectModule):
         return loss
 
     # ---------------------------------------------------------------------- evaluation
-    def _score(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
+    def score_batch(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
+        """Scores and heatmaps; in validation also ``val/loss`` on the normals and the heatmap
+        pixels that set the pixel threshold."""
         images = batch["image"]
         x = self.net.prepare(images)
         x_hat = self.net.autoencoder(x)
@@ -152,44 +151,21 @@ class AutoencoderModule(ThresholdedScoring, ElinspectModule):
                 self._val_pixel_count += maps.numel()
         if maps.shape[-2:] != images.shape[-2:]:
             maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        self.update_scoring(split, scores, batch, maps)
         return {"anomaly_maps": maps, "scores": scores}
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._score(batch, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._score(batch, "test")
+    def choose_threshold(self, scores: Tensor, labels: Tensor) -> float:
+        """Otsu's threshold of the validation scores, or the F1-optimal one; the pixel threshold
+        (Otsu's of the validation heatmaps' pixels) is set beside it."""
+        pixels = self.val_pixels.compute() if self.val_pixels.update_called else None
+        if pixels is not None and pixels.numel():
+            self.pixel_threshold.fill_(otsu_threshold(pixels))
+        return otsu_threshold(scores) if self.threshold_mode == "otsu" else best_f1_threshold(scores, labels)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_pixel_auroc("val")
-        collected = self._collected("val")
-        pixels = self.val_pixels.compute() if self.val_pixels.update_called else None
+        super().on_validation_epoch_end()
         self.val_pixels.reset()
         self._val_pixel_count = 0
-        if collected is None:
-            return
-        scores, labels = collected
-        if not self.trainer.sanity_checking:
-            if self.threshold_mode == "otsu":
-                self.threshold.fill_(otsu_threshold(scores))
-            else:
-                self.threshold.fill_(best_f1_threshold(scores, labels))
-            if pixels is not None and pixels.numel():
-                self.pixel_threshold.fill_(otsu_threshold(pixels))
-        if torch.isfinite(self.threshold):
-            self.log_dict(
-                threshold_metrics(scores, labels, float(self.threshold), "val/"),
-                prog_bar=True,
-                sync_dist=True,
-            )
-            self.log("val/threshold", self.threshold)
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        scores, maps = self.net(batch["image"])
-        return {
-            "anomaly_maps": maps,
-            "scores": scores,
-            "pred": (scores >= self.threshold).long(),
-            "masks": segment(maps, self.pixel_threshold),
-        }
+    def predict_batch(self, images: Tensor) -> dict[str, Tensor]:
+        scores, maps = self.net(images)
+        return {"anomaly_maps": maps, "scores": scores, "masks": segment(maps, self.pixel_threshold)}

@@ -60,21 +60,18 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import CatMetric
-from torchmetrics.functional.classification import binary_auroc
 
 from elinspect.callbacks.ganae_samples import GanAeSamplesCallback
 from elinspect.data.info import DatasetInfo
 from elinspect.data.normals import defect_free, normal_images, unaugmented_normal_images
 from elinspect.losses.reconstruction import ReconstructionLoss, SsimFeatureLoss
+from elinspect.models.anomaly.base import AnomalyModule, count_step_without_optimizer, fit_epoch_done
 from elinspect.models.anomaly.ganae import GanAe, Norm, ScoreKind, critic_loss, generator_loss
-from elinspect.models.anomaly.scoring import ThresholdedScoring, check_finite_scores
+from elinspect.models.anomaly.scoring import check_finite_scores
 from elinspect.models.anomaly.thresholds import (
     best_f1_threshold,
     percentile_threshold,
-    threshold_metrics,
-    to_unit_interval,
 )
-from elinspect.models.base import ElinspectModule
 from elinspect.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -117,23 +114,7 @@ class Schedule:
         return "done"
 
 
-def fit_epoch_done(trainer: L.Trainer) -> bool:
-    """True in the validation that follows the last training batch of an epoch (not in the
-    sanity check, nor in a mid-epoch validation)."""
-    if trainer.state.fn != "fit" or trainer.sanity_checking:
-        return False
-    return trainer.fit_loop.epoch_loop.batch_progress.current.completed >= trainer.num_training_batches
-
-
-def count_step_without_optimizer(trainer: L.Trainer) -> None:
-    """Count a batch that took no optimiser step as a step, so ``trainer.global_step`` moves and
-    ModelCheckpoint saves after an epoch of pure scoring (as PadimModule does for its fit)."""
-    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-    progress.increment_ready()
-    progress.increment_completed()
-
-
-class GanAeModule(ThresholdedScoring, ElinspectModule):
+class GanAeModule(AnomalyModule):
     """GAN-AE in stages (see the module docstring).
 
     Args:
@@ -151,7 +132,6 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
         samples_every_n_epochs, num_samples: sample/reconstruction grids (0: none).
     """
 
-    task: ClassVar[str] = "anomaly"
     loss_kind: ClassVar[str] = "reconstruction"
     # each stage trains one part (critic and generator, then the encoder): under DDP the other
     # parts' parameters get no gradient in a step (see utils.ddp.DDPStrategy)
@@ -261,13 +241,12 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
         self.threshold_percentile = float(threshold_percentile)
         self.samples_every_n_epochs = int(samples_every_n_epochs)
         self.num_samples = int(num_samples)
-        # persistent state (in every checkpoint)
-        self.register_buffer("threshold", torch.tensor(float("nan")))
+        # persistent state (in every checkpoint): the threshold (init_scoring), the stage-1 flags
+        self.init_scoring()
         self.register_buffer("generator_trained", torch.tensor(False))
         self.register_buffer("critic_steps", torch.tensor(0, dtype=torch.long))
-        # per-epoch collections
+        # the calibration epoch's scores of the training normals
         self.train_scores = CatMetric(nan_strategy="error")
-        self.init_scoring()
         self._calibration_seen = 0
         self._warned_untrained = False
 
@@ -487,13 +466,13 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
         self._finish_calibration()
 
     # ---------------------------------------------------------------------- evaluation
-    def _score(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
+    def score_batch(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
+        """Scores and maps; in validation also ``val/loss`` (the training loss) on the normals."""
         images = batch["image"]
         with torch.no_grad():
             out = self.net.analyse(images)
             scores = self.net.combine(out)
             maps = self.net.localise(out["x"], out["x_hat"], images.shape[-2:])
-        self.update_scoring(split, scores, batch, maps)
         normal = defect_free(batch)
         if split == "val" and normal.any():
             loss = self.loss(
@@ -521,45 +500,19 @@ class GanAeModule(ThresholdedScoring, ElinspectModule):
                     sync_dist=True,
                 )
             return None
-        return self._score(batch, "val")
+        return super().validation_step(batch, batch_idx)
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        return self._score(batch, "test")
+    def choose_threshold(self, scores: Tensor, labels: Tensor) -> float | None:
+        """F1-optimal on validation with ``threshold=f1``; the percentile threshold is set by the
+        calibration epoch instead."""
+        return best_f1_threshold(scores, labels) if self.threshold_mode == "f1" else None
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_pixel_auroc("val")
-        collected = self._collected("val")
-        if collected is None:
-            return
-        scores, labels = collected
-        if self.threshold_mode == "f1" and not self.trainer.sanity_checking:
-            self.threshold.fill_(best_f1_threshold(scores, labels))
-        if torch.isfinite(self.threshold):
-            self.log_dict(
-                threshold_metrics(scores, labels, float(self.threshold), "val/"),
-                prog_bar=True,
-                sync_dist=True,
-            )
-            self.log("val/threshold", self.threshold)
-        else:
-            target = (labels > 0).long()
-            if 0 < int(target.sum()) < len(target):
-                # gathered scores: the same value on every rank
-                auroc = binary_auroc(to_unit_interval(scores), target)
-                self.log("val/auroc", auroc, prog_bar=True, sync_dist=True)
-
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        images = batch["image"]
+    def predict_batch(self, images: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
             out = self.net.analyse(images)
             scores = self.net.combine(out)
             maps = self.net.localise(out["x"], out["x_hat"], images.shape[-2:])
-        return {
-            "anomaly_maps": maps,
-            "scores": scores,
-            "pred": (scores >= self.threshold).long(),
-            "reconstructions": out["x_hat"],
-        }
+        return {"anomaly_maps": maps, "scores": scores, "reconstructions": out["x_hat"]}
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Anomaly scores (N) and maps (N×1×H×W) of images in [0, 1]."""

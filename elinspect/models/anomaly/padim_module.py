@@ -31,18 +31,16 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, ClassVar
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from elinspect.data.info import DatasetInfo
 from elinspect.data.normals import normal_images
+from elinspect.models.anomaly.base import AnomalyModule, count_step_without_optimizer, fit_epoch_done
 from elinspect.models.anomaly.padim import Padim
-from elinspect.models.anomaly.scoring import ThresholdedScoring
-from elinspect.models.anomaly.thresholds import best_f1_threshold, threshold_metrics
-from elinspect.models.base import ElinspectModule
+from elinspect.models.anomaly.thresholds import best_f1_threshold
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +85,8 @@ class PadimFitMixin:
         return len(normal)
 
     def fit_epoch_done(self) -> bool:
-        """True in the validation that follows the last training batch of an epoch (not in the
-        sanity check, nor in a mid-epoch validation of ``val_check_interval`` < 1)."""
-        trainer = self.trainer  # type: ignore[attr-defined]
-        if trainer.state.fn != "fit" or trainer.sanity_checking:
-            return False
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        return done >= trainer.num_training_batches
+        """True in the validation that follows the last training batch of an epoch."""
+        return fit_epoch_done(self.trainer)  # type: ignore[attr-defined]
 
     def finish_padim_fit(self) -> bool:
         """Reduce the sums over ranks and finalize, if a fit is pending; True if it fitted now."""
@@ -116,7 +109,7 @@ class PadimFitMixin:
         return True
 
 
-class PadimModule(PadimFitMixin, ThresholdedScoring, ElinspectModule):
+class PadimModule(PadimFitMixin, AnomalyModule):
     """PaDiM as a LightningModule (see the module docstring).
 
     Args:
@@ -126,8 +119,6 @@ class PadimModule(PadimFitMixin, ThresholdedScoring, ElinspectModule):
         eps: ε of the covariance regulariser Σ + ε·I (PaDiM: 0.01).
         optimizer, scheduler: unused; PaDiM has nothing to train.
     """
-
-    task: ClassVar[str] = "anomaly"
 
     def __init__(
         self,
@@ -150,7 +141,6 @@ class PadimModule(PadimFitMixin, ThresholdedScoring, ElinspectModule):
         self.padim = padim
         self.eps = float(eps)
         self.loss = loss  # unused: PaDiM has no supervised objective
-        self.register_buffer("threshold", torch.tensor(float("nan")))
         self.init_scoring()
 
     def configure_optimizers(self) -> None:
@@ -173,15 +163,7 @@ class PadimModule(PadimFitMixin, ThresholdedScoring, ElinspectModule):
         self.log(
             "train/normal_images", float(seen), on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True
         )
-        self._count_fit_step()
-
-    def _count_fit_step(self) -> None:
-        """Count a fitted batch as a step: with manual optimisation and no optimiser
-        ``trainer.global_step`` would stay 0, and ModelCheckpoint never saves a run whose
-        global step has not moved (anomalib's ModelCheckpoint subclass works around the same)."""
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        progress.increment_ready()
-        progress.increment_completed()
+        count_step_without_optimizer(self.trainer)
 
     def on_validation_epoch_start(self) -> None:
         if self.fit_epoch_done() and self.finish_padim_fit():
@@ -192,36 +174,15 @@ class PadimModule(PadimFitMixin, ThresholdedScoring, ElinspectModule):
             self.trainer.should_stop = True
 
     # ------------------------------------------------------------------------- evaluate
-    def _score(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor] | None:
-        if not self.padim._fitted:  # the sanity check before the fit
-            return None
-        maps = self.padim(batch["image"])
-        scores = Padim.image_score(maps)
-        self.update_scoring(split, scores, batch, maps)
-        return {"anomaly_maps": maps, "scores": scores}
+    def ready(self) -> bool:
+        return self.padim._fitted  # the sanity check before the fit has nothing to score with
 
-    def _collected(self, split: str) -> tuple[Tensor, Tensor] | None:
-        return super()._collected(split) if self.padim._fitted else None
+    def score_batch(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
+        return self.predict_batch(batch["image"])
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor] | None:
-        return self._score(batch, "val")
+    def predict_batch(self, images: Tensor) -> dict[str, Tensor]:
+        maps = self.padim(images)
+        return {"anomaly_maps": maps, "scores": Padim.image_score(maps)}
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor] | None:
-        return self._score(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_pixel_auroc("val")
-        collected = self._collected("val")
-        if collected is None:
-            return
-        scores, labels = collected
-        self.threshold.fill_(best_f1_threshold(scores, labels))
-        self.log_dict(
-            threshold_metrics(scores, labels, float(self.threshold), "val/"), prog_bar=True, sync_dist=True
-        )
-        self.log("val/threshold", self.threshold)
-
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        maps = self.padim(batch["image"])
-        scores = Padim.image_score(maps)
-        return {"anomaly_maps": maps, "scores": scores, "pred": (scores >= self.threshold).long()}
+    def choose_threshold(self, scores: Tensor, labels: Tensor) -> float:
+        return best_f1_threshold(scores, labels)

@@ -1,0 +1,173 @@
+"""The base of every thresholded anomaly model (PaDiM, the autoencoder, GAN-AE) and the fit-once helpers.
+
+:class:`AnomalyModule` owns what they do alike: the validation, test and predict steps, the
+decision threshold (a persistent ``threshold`` buffer, saved in checkpoints) and the epoch-end
+metrics. A subclass says how it fits (its ``training_step``) and how it scores:
+
+- :meth:`AnomalyModule.score_batch` — image scores and anomaly maps (at the images' size) of a
+  val/test batch; it may log what only it knows (a validation loss);
+- :meth:`AnomalyModule.predict_batch` — the same for prediction, with any extra outputs
+  (reconstructions, segmentation masks); ``pred`` (score ≥ threshold) is added here;
+- :meth:`AnomalyModule.choose_threshold` — the threshold after a validation epoch from the
+  epoch's scores and labels (F1-optimal, Otsu…), or None to keep the current one (GAN-AE sets
+  its percentile threshold while fitting);
+- :meth:`AnomalyModule.ready` — False while there is nothing to score with (PaDiM before its fit).
+
+Image scores and labels of a split are collected over the epoch (``CatMetric``, gathered over
+DDP ranks); at the end the threshold turns them into ``{split}/{acc,f1,precision,recall}`` and
+the scores into ``{split}/auroc`` (:func:`~elinspect.models.anomaly.thresholds.threshold_metrics`);
+without a threshold yet, ``val/auroc`` alone. With ground-truth masks in the batches,
+``{split}/pixel_auroc`` as well (:class:`~elinspect.metrics.pixel.PixelAuroc`). Labels > 0 count
+as defective.
+
+Fit-once models (PaDiM's Gaussian, GAN-AE's calibration epoch) take no optimiser step in those
+epochs: :func:`count_step_without_optimizer` keeps ``trainer.global_step`` moving so checkpoints
+are saved, and :func:`fit_epoch_done` says when the epoch's batches are all seen.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.aggregation import CatMetric
+from torchmetrics.functional.classification import binary_auroc
+
+from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
+from elinspect.models.anomaly.scoring import check_finite_scores
+from elinspect.models.anomaly.thresholds import threshold_metrics, to_unit_interval
+from elinspect.models.base import ElinspectModule
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("val", "test")
+
+
+def fit_epoch_done(trainer: L.Trainer) -> bool:
+    """True in the validation that follows the last training batch of an epoch (not in the
+    sanity check, nor in a mid-epoch validation of ``val_check_interval`` < 1)."""
+    if trainer.state.fn != "fit" or trainer.sanity_checking:
+        return False
+    return trainer.fit_loop.epoch_loop.batch_progress.current.completed >= trainer.num_training_batches
+
+
+def count_step_without_optimizer(trainer: L.Trainer) -> None:
+    """Count a batch that took no optimiser step as a step: with manual optimisation and no
+    optimiser step ``trainer.global_step`` would stay put, and ModelCheckpoint never saves a run
+    whose global step has not moved (anomalib's ModelCheckpoint subclass works around the same)."""
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+    progress.increment_ready()
+    progress.increment_completed()
+
+
+class AnomalyModule(ElinspectModule):
+    """A LightningModule that scores images for anomalies and thresholds the scores (see the
+    module docstring). Subclasses call :meth:`init_scoring` in ``__init__``."""
+
+    task: ClassVar[str] = "anomaly"
+    threshold: Tensor
+
+    def init_scoring(self) -> None:
+        """The epoch collectors and the ``threshold`` buffer (NaN: not chosen yet)."""
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.scores = nn.ModuleDict({s: CatMetric(nan_strategy="error") for s in SPLITS})
+        self.labels = nn.ModuleDict({s: CatMetric(nan_strategy="error") for s in SPLITS})
+        self.pixel_auroc = nn.ModuleDict({s: PixelAuroc() for s in SPLITS})
+
+    # ------------------------------------------------------------ what a subclass says
+    def ready(self) -> bool:
+        """Whether there is anything to score with yet."""
+        return True
+
+    def score_batch(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
+        """``{"scores": N, "anomaly_maps": N×1×H×W}`` of a val/test batch, maps at the images' size."""
+        raise NotImplementedError
+
+    def predict_batch(self, images: Tensor) -> dict[str, Tensor]:
+        """``scores`` and ``anomaly_maps`` of images in [0, 1], and any extra outputs."""
+        raise NotImplementedError
+
+    def choose_threshold(self, scores: Tensor, labels: Tensor) -> float | None:
+        """The threshold after a validation epoch (not the sanity check); None keeps the current one."""
+        return None
+
+    # --------------------------------------------------------------------------- steps
+    def update_scoring(self, split: str, scores: Tensor, batch: dict[str, Tensor], maps: Tensor) -> None:
+        check_finite_scores(scores, batch, f"{type(self).__name__} {split}")
+        self.scores[split].update(scores)
+        self.labels[split].update(batch["label"].float())
+        if "mask" in batch:
+            self.pixel_auroc[split].update(maps, batch["mask"])
+
+    def evaluate(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor] | None:
+        if not self.ready():  # e.g. the sanity check before PaDiM's fit
+            return None
+        out = self.score_batch(batch, split)
+        self.update_scoring(split, out["scores"], batch, out["anomaly_maps"])
+        return {"anomaly_maps": out["anomaly_maps"], "scores": out["scores"]}
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor] | None:
+        return self.evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor] | None:
+        return self.evaluate(batch, "test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        out = self.predict_batch(batch["image"])
+        return {**out, "pred": (out["scores"] >= self.threshold).long()}
+
+    # ----------------------------------------------------------------------- epoch ends
+    def _collected(self, split: str) -> tuple[Tensor, Tensor] | None:
+        """The epoch's (scores, labels > 0 as long) of ``split``, then reset; None if empty."""
+        scores, labels = self.scores[split], self.labels[split]
+        if not scores.update_called:
+            return None
+        out = scores.compute(), labels.compute().long()
+        scores.reset()
+        labels.reset()
+        return out if out[0].numel() else None
+
+    def _log_pixel_auroc(self, split: str) -> None:
+        value = pixel_auroc_value(self.pixel_auroc[split], split)
+        if value is not None:
+            self.log(f"{split}/pixel_auroc", value)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_pixel_auroc("val")
+        collected = self._collected("val")
+        if collected is None:
+            return
+        scores, labels = collected
+        if not self.trainer.sanity_checking:
+            chosen = self.choose_threshold(scores, labels)
+            if chosen is not None:
+                self.threshold.fill_(chosen)
+        # the scores are gathered from every rank (torchmetrics): the values are the same on each
+        if torch.isfinite(self.threshold):
+            self.log_dict(
+                threshold_metrics(scores, labels, float(self.threshold), "val/"),
+                prog_bar=True,
+                sync_dist=True,
+            )
+            self.log("val/threshold", self.threshold)
+            return
+        target = (labels > 0).long()
+        if 0 < int(target.sum()) < len(target):
+            self.log(
+                "val/auroc", binary_auroc(to_unit_interval(scores), target), prog_bar=True, sync_dist=True
+            )
+
+    def on_test_epoch_end(self) -> None:
+        self._log_pixel_auroc("test")
+        collected = self._collected("test")
+        if collected is None:
+            return
+        if not torch.isfinite(self.threshold):
+            log.warning(
+                "%s has no decision threshold (validate first): every test image counts as normal",
+                type(self).__name__,
+            )
+        self.log_dict(threshold_metrics(*collected, float(self.threshold), "test/"), sync_dist=True)
