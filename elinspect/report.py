@@ -5,21 +5,7 @@
     python -m elinspect.report DIR --no-aggregate       # one row per job
     python -m elinspect.report DIR --no-plots           # the table only
 
-Each job's final metrics are the last logged value of every column of its
-``csv/version_*/metrics.csv``; the job is named by its command-line overrides
-(``.hydra/overrides.yaml``). Jobs that differ only in ``seed`` or ``data.fold`` are
-aggregated to mean ± std (the n column says over how many). The table is printed, and
-written beside the runs as ``report.md`` and ``report.csv``.
-
-Plots (issue 8; drawn by :mod:`elinspect.plots`) go to ``<job>/plots/`` for every job:
-``training_curves.png`` (losses and validation metrics from the CSV log), and when the job
-was tested, from what :class:`~elinspect.callbacks.test_predictions.TestPredictionsCallback`
-and the detector wrote under ``<job>/test/``: ``roc.png`` and ``confusion_matrix.png``
-(image level, from ``predictions.csv``), ``pr_curves.png`` (one curve per class, IoU 0.5,
-from ``detections.jsonl``) and ``confusion_matrix.png`` (from a detector's
-``confusion_matrix.csv``). For several jobs, ``DIR/plots/`` also gets comparison figures:
-``metrics.png`` (a bar per configuration with ±1 std error bars over its replicates),
-``roc.png`` and ``pr.png`` (one curve per job). ``report.md`` embeds or links them.
+What the table and the plots hold, and where they are written: :mod:`elinspect.reporting`.
 """
 
 from __future__ import annotations

@@ -63,6 +63,13 @@ def count_step_without_optimizer(trainer: L.Trainer) -> None:
     progress.increment_completed()
 
 
+def log_pixel_auroc(module: L.LightningModule, metric: PixelAuroc, split: str) -> None:
+    """Log ``{split}/pixel_auroc`` when the epoch's batches carried ground-truth masks."""
+    value = pixel_auroc_value(metric, split)
+    if value is not None:
+        module.log(f"{split}/pixel_auroc", value)
+
+
 class AnomalyModule(ElinspectModule):
     """A LightningModule that scores images for anomalies and thresholds the scores (see the
     module docstring). Subclasses call :meth:`init_scoring` in ``__init__``."""
@@ -131,9 +138,7 @@ class AnomalyModule(ElinspectModule):
         return out if out[0].numel() else None
 
     def _log_pixel_auroc(self, split: str) -> None:
-        value = pixel_auroc_value(self.pixel_auroc[split], split)
-        if value is not None:
-            self.log(f"{split}/pixel_auroc", value)
+        log_pixel_auroc(self, self.pixel_auroc[split], split)
 
     def on_validation_epoch_end(self) -> None:
         self._log_pixel_auroc("val")

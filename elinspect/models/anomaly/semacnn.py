@@ -53,7 +53,8 @@ from torch.nn import functional as F
 
 from elinspect.data.info import DatasetInfo
 from elinspect.data.normals import unaugmented_normal_images
-from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
+from elinspect.metrics.pixel import PixelAuroc
+from elinspect.models.anomaly.base import log_pixel_auroc
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimFitMixin
 from elinspect.models.base import ElinspectModule
@@ -294,9 +295,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         return {"anomaly_maps": maps, **class_outputs(probs)}  # kept by the test-predictions callback
 
     def _log_pixel_auroc(self, split: str) -> None:
-        value = pixel_auroc_value(self.pixel_auroc[split], split)
-        if value is not None:
-            self.log(f"{split}/pixel_auroc", value)
+        log_pixel_auroc(self, self.pixel_auroc[split], split)
 
     def on_validation_epoch_end(self) -> None:
         self._log_pixel_auroc("val")
