@@ -492,27 +492,18 @@ def compare_tensors(
     return checks
 
 
-NMS_IOU_SLACK = 0.01  # an IoU this close to the NMS threshold may fall on either side of it
-
-
 def compare_detections(
     ours: Sequence[Tensor],
     theirs: Sequence[Tensor],
     tolerances: Mapping[str, Tolerance],
     cap: int | None = None,
-    nms_iou: float | None = None,
 ) -> list[OutputCheck]:
     """Detections matched by class and IoU (greedy, best IoU first); boxes and scores compared
-    on the matched pairs; every detection of either side must find its partner, except where
-    rounding may decide a cut-off differently on each side:
-
-    - the detection cap (``cap``: box_detections_per_img): a detection missing on a side that
-      kept ``cap`` boxes, scoring no more than that side's lowest (within the score tolerance);
-    - per-class NMS (``nms_iou``: its IoU threshold): a detection missing on a side that holds a
-      same-class box at least as confident whose IoU with it is within ``NMS_IOU_SLACK`` of the
-      threshold (that box may suppress it there and not here).
-
-    Such near-ties are counted in the note, not failed."""
+    on the matched pairs; every detection of either side must find its partner, except a
+    near-tie at the detection cap (``cap``: box_detections_per_img): a detection missing on a
+    side that kept ``cap`` boxes and scoring no more than that side's lowest (within the score
+    tolerance), which rounding may have cut there and not here. Such near-ties are counted in
+    the note, not failed."""
     (boxes_a, labels_a, scores_a), (boxes_b, labels_b, scores_b) = ours, theirs
     boxes_a, boxes_b = boxes_a.float(), boxes_b.float()
     iou = (
@@ -520,45 +511,28 @@ def compare_detections(
         if len(boxes_a) and len(boxes_b)
         else torch.zeros(len(boxes_a), len(boxes_b))
     )
-    same_class = labels_a[:, None] == labels_b[None, :]
-    matchable = iou.clone()
-    matchable[~same_class] = -1
+    iou[labels_a[:, None] != labels_b[None, :]] = -1
     pairs: list[tuple[int, int]] = []
     used_a, used_b = set(), set()
-    for flat in torch.argsort(matchable.flatten(), descending=True).tolist():
+    for flat in torch.argsort(iou.flatten(), descending=True).tolist():
         i, j = divmod(flat, max(1, len(boxes_b)))
-        if matchable[i, j] <= 0.5:
+        if iou[i, j] <= 0.5:
             break
         if i not in used_a and j not in used_b:
             pairs.append((i, j))
             used_a.add(i)
             used_b.add(j)
 
-    score_atol = tolerances["scores"][0]
+    def cut_at_cap(score: Tensor, other_scores: Tensor) -> bool:
+        at_cap = cap is not None and len(other_scores) == cap
+        return at_cap and float(score) <= float(other_scores.min()) + tolerances["scores"][0]
 
-    def near_tie(score: Tensor, other_scores: Tensor, overlaps: Tensor, classes: Tensor) -> bool:
-        """Whether the other side may have cut this detection by a near-tie (see above)."""
-        if (
-            cap is not None
-            and len(other_scores) == cap
-            and float(score) <= float(other_scores.min()) + score_atol
-        ):
-            return True
-        if nms_iou is None:
-            return False
-        rivals = (
-            classes & (other_scores >= score - score_atol) & ((overlaps - nms_iou).abs() <= NMS_IOU_SLACK)
-        )
-        return bool(rivals.any())
-
-    loose_a = [i for i in range(len(boxes_a)) if i not in used_a]
-    loose_b = [j for j in range(len(boxes_b)) if j not in used_b]
-    tied_a = sum(near_tie(scores_a[i], scores_b, iou[i], same_class[i]) for i in loose_a)
-    tied_b = sum(near_tie(scores_b[j], scores_a, iou[:, j], same_class[:, j]) for j in loose_b)
-    unmatched = len(loose_a) + len(loose_b) - tied_a - tied_b
+    tied_a = sum(cut_at_cap(scores_a[i], scores_b) for i in range(len(boxes_a)) if i not in used_a)
+    tied_b = sum(cut_at_cap(scores_b[j], scores_a) for j in range(len(boxes_b)) if j not in used_b)
+    unmatched = len(boxes_a) + len(boxes_b) - 2 * len(pairs) - tied_a - tied_b
     note = f"{len(boxes_a)} vs {len(boxes_b)} detections, {len(pairs)} matched"
     if tied_a or tied_b:
-        note += f", {tied_a} + {tied_b} near-ties at the cap or NMS"
+        note += f", {tied_a} + {tied_b} near-ties at the cap"
     ia = torch.tensor([p[0] for p in pairs], dtype=torch.long)
     ib = torch.tensor([p[1] for p in pairs], dtype=torch.long)
     checks = compare_tensors(
@@ -660,12 +634,8 @@ def export_checkpoint(
         )
     theirs = run_exported(path, format, inputs.check, names)
     if family.detector:
-        heads = loaded.module.model.roi_heads
-        cut_offs = {
-            "cap": getattr(heads, "detections_per_img", None),
-            "nms_iou": getattr(heads, "nms_thresh", None),
-        }
-        checks = compare_detections(ours, theirs, tolerances, **cut_offs)
+        cap = getattr(loaded.module.model.roi_heads, "detections_per_img", None)
+        checks = compare_detections(ours, theirs, tolerances, cap=cap)
     else:
         checks = compare_tensors(family.outputs, ours, theirs, tolerances)
     result = ExportResult(path, sidecar, checks, how)

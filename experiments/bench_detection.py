@@ -226,8 +226,9 @@ def interleaved(
                 times = getattr(bench, phase)
                 times["s"].append(clock.wall)
                 times["cpu"].append(clock.cpu)
-            elif phase == "infer":
-                bench.parts.clear()  # warm-up calls are not kept
+            elif phase == "infer":  # warm-up calls are not kept
+                bench.parts.clear()
+                bench.detections.clear()
         names = (
             ", ".join(f"{b.name} {getattr(b, phase)['s'][-1]:.2f}s" for b in group)
             if r >= warmup

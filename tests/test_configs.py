@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import OmegaConf
 
-from elinspect.models.build import effective_loss_config, model_config
+from elinspect.models.build import constructor_arguments, effective_loss_config
 from elinspect.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from elinspect.utils.resolvers import wandb_offline
 from tests.conftest import group_options
@@ -204,7 +204,7 @@ def test_loss_auto_is_each_models_own_default(make_cfg, model: str, loss: str) -
     cfg = make_cfg("train.yaml", [f"model={model}"])
     assert cfg.loss.auto
     assert effective_loss_config(cfg)._target_.endswith(loss)
-    assert "default_loss" not in model_config(cfg)  # not a constructor argument
+    assert "default_loss" not in constructor_arguments(cfg.model)  # not a constructor argument
     chosen = make_cfg("train.yaml", [f"model={model}", "loss=focal"])
     assert effective_loss_config(chosen)._target_ == "elinspect.losses.FocalLoss"
 

@@ -199,10 +199,10 @@ def test_a_checkpoint_of_the_default_config_exports_to_onnx(
     check_export(ckpt, "onnx", tmp_path / f"{model}.onnx", batch_size=2)
 
 
-def test_near_ties_at_the_detection_cap_or_nms_are_not_parity_failures() -> None:
-    """Rounding may decide a cut-off differently on each side: the N-th place of a capped list,
-    or a box whose IoU with a stronger one sits on the NMS threshold. Neither is a mismatch; a
-    missing detection that no cut-off explains still is."""
+def test_a_near_tie_at_the_detection_cap_is_not_a_parity_failure() -> None:
+    """Both sides keep their best N detections; when the N-th place is a near-tie (scores within
+    the tolerance), rounding may keep a different box on each side. That is not a mismatch; a
+    missing detection that the cap does not explain still is."""
     tolerances = FAMILIES[-1].tolerances
     score_atol = tolerances["scores"][0]
     boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60], [70, 70, 90, 90]])
@@ -212,14 +212,8 @@ def test_near_ties_at_the_detection_cap_or_nms_are_not_parity_failures() -> None
     theirs = (boxes[[0, 1, 3]], labels[[0, 1, 3]], scores[[0, 1, 3]])  # ... and box 3 there
     swapped = compare_detections(ours, theirs, tolerances, cap=3)
     assert all(c.passed for c in swapped), [c.note for c in swapped]
-    assert swapped[0].note == "3 vs 3 detections, 2 matched, 1 + 1 near-ties at the cap or NMS"
+    assert swapped[0].note == "3 vs 3 detections, 2 matched, 1 + 1 near-ties at the cap"
     assert not any(c.passed for c in compare_detections(ours, theirs, tolerances))  # no cap given
+    assert not any(c.passed for c in compare_detections(ours, theirs, tolerances, cap=4))  # not at the cap
     far = (boxes[[0, 1, 3]], labels[[0, 1, 3]], torch.tensor([0.9, 0.8, 0.1]))  # not a near-tie
     assert not any(c.passed for c in compare_detections(ours, far, tolerances, cap=3))
-
-    # box 1 overlaps box 0 (same class, more confident) with IoU 1/3 here, and NMS at 1/3 may
-    # suppress it on the other side
-    nms = (torch.tensor([[0.0, 0, 10, 10], [5, 0, 15, 10]]), torch.tensor([1, 1]), torch.tensor([0.9, 0.5]))
-    suppressed = (nms[0][:1], nms[1][:1], nms[2][:1])
-    assert all(c.passed for c in compare_detections(nms, suppressed, tolerances, nms_iou=1 / 3))
-    assert not any(c.passed for c in compare_detections(nms, suppressed, tolerances, nms_iou=0.5))

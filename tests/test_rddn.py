@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.ops import MultiScaleRoIAlign
 
 from elinspect.data.info import DatasetInfo
-from elinspect.models.build import build_model, effective_loss_config, model_config
+from elinspect.models.build import build_model, constructor_arguments, effective_loss_config
 from elinspect.models.detection import DetectionModule, build_faster_rcnn
 from elinspect.models.detection.rddn import (
     TEMPLATE_MODES,
@@ -590,7 +590,7 @@ def test_rddn_experiments_sweep_the_rows_of_their_tables(make_cfg) -> None:
     shifted = make_cfg("train.yaml", ["experiment=rddn_table4", "rddn.row=inter_shift"])
     assert (shifted.model.template, list(shifted.data.template_shift)) == ("inter", [5, 10])
     full = make_cfg("train.yaml", ["experiment=rddn_table7", "rddn.row=faster_r50_dcn_ptg"])
-    model = OmegaConf.to_container(model_config(full), resolve=True)
+    model = OmegaConf.to_container(constructor_arguments(full.model), resolve=True)
     assert (model["template"], model["head"], model["context"]["enabled"]) == ("ptg", "standard", True)
     assert model["detector"]["backbone"]["deformable_stages"] == [3, 4, 5]
     assert full.trainer.max_epochs == 24 and full.data.batch_size == 8

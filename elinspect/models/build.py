@@ -27,11 +27,6 @@ def effective_loss_config(cfg: DictConfig) -> DictConfig | None:
     return loss_cfg
 
 
-def model_config(cfg: DictConfig) -> DictConfig:
-    """``cfg.model`` without the keys that are not constructor arguments."""
-    return constructor_arguments(cfg.model)
-
-
 def constructor_arguments(model_cfg: DictConfig) -> DictConfig:
     """A model node without ``default_loss`` (a choice of the loss group, not an argument)."""
     node = model_cfg.copy()

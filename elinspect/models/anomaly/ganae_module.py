@@ -468,11 +468,7 @@ class GanAeModule(AnomalyModule):
     # ---------------------------------------------------------------------- evaluation
     def score_batch(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
         """Scores and maps; in validation also ``val/loss`` (the training loss) on the normals."""
-        images = batch["image"]
-        with torch.no_grad():
-            out = self.net.analyse(images)
-            scores = self.net.combine(out)
-            maps = self.net.localise(out["x"], out["x_hat"], images.shape[-2:])
+        out, scores, maps = self._analyse(batch["image"])
         normal = defect_free(batch)
         if split == "val" and normal.any():
             loss = self.loss(
@@ -508,11 +504,14 @@ class GanAeModule(AnomalyModule):
         return best_f1_threshold(scores, labels) if self.threshold_mode == "f1" else None
 
     def predict_batch(self, images: Tensor) -> dict[str, Tensor]:
-        with torch.no_grad():
-            out = self.net.analyse(images)
-            scores = self.net.combine(out)
-            maps = self.net.localise(out["x"], out["x_hat"], images.shape[-2:])
+        out, scores, maps = self._analyse(images)
         return {"anomaly_maps": maps, "scores": scores, "reconstructions": out["x_hat"]}
+
+    @torch.no_grad()
+    def _analyse(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """The network's analysis of images in [0, 1], their scores and their maps at the images' size."""
+        out = self.net.analyse(images)
+        return out, self.net.combine(out), self.net.localise(out["x"], out["x_hat"], images.shape[-2:])
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Anomaly scores (N) and maps (N×1×H×W) of images in [0, 1]."""

@@ -84,10 +84,6 @@ class PadimFitMixin:
             self.padim.update(normal)
         return len(normal)
 
-    def fit_epoch_done(self) -> bool:
-        """True in the validation that follows the last training batch of an epoch."""
-        return fit_epoch_done(self.trainer)  # type: ignore[attr-defined]
-
     def finish_padim_fit(self) -> bool:
         """Reduce the sums over ranks and finalize, if a fit is pending; True if it fitted now."""
         if self.padim._fitted:
@@ -166,7 +162,7 @@ class PadimModule(PadimFitMixin, AnomalyModule):
         count_step_without_optimizer(self.trainer)
 
     def on_validation_epoch_start(self) -> None:
-        if self.fit_epoch_done() and self.finish_padim_fit():
+        if fit_epoch_done(self.trainer) and self.finish_padim_fit():
             self.trainer.should_stop = True
 
     def on_train_epoch_end(self) -> None:

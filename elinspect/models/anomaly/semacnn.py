@@ -54,7 +54,7 @@ from torch.nn import functional as F
 from elinspect.data.info import DatasetInfo
 from elinspect.data.normals import unaugmented_normal_images
 from elinspect.metrics.pixel import PixelAuroc
-from elinspect.models.anomaly.base import log_pixel_auroc
+from elinspect.models.anomaly.base import fit_epoch_done, log_pixel_auroc
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimFitMixin
 from elinspect.models.base import ElinspectModule
@@ -223,7 +223,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         log.info("SeMaCNN stage 1 done: heatmap scale %.4g", float(self.heatmap_scale))
 
     def on_validation_epoch_start(self) -> None:
-        if self.fit_epoch_done() and self.stage == 1:
+        if fit_epoch_done(self.trainer) and self.stage == 1:
             self._finish_stage_one()
             # this validation comes before any classifier step; under fast_dev_run (no
             # checkpointing, one batch of everything) the classifier is scored all the same
