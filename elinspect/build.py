@@ -69,11 +69,42 @@ def trainer_arguments(trainer_cfg: DictConfig) -> tuple[DictConfig, dict[str, An
     return node, OmegaConf.to_container(speed, resolve=True) if speed is not None else {}
 
 
-def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
+def fit_epochs(
+    model: ElinspectModule, max_epochs: int | None, fast_dev_run: bool | int = False
+) -> int | None:
+    """``trainer.max_epochs`` for a fit of ``model``: the sum of the epochs its stages declare
+    (:meth:`~elinspect.models.base.ElinspectModule.stage_epochs`; logged when it replaces
+    ``max_epochs``), else ``max_epochs``. ``fast_dev_run`` keeps its one batch of each stage."""
+    stages = model.stage_epochs()
+    if stages is None or fast_dev_run:
+        return max_epochs
+    total = sum(stages.values())
+    if max_epochs != total:
+        parts = " + ".join(f"{epochs} {name}" for name, epochs in stages.items())
+        log.info(
+            "%s's stages take %s = %d epoch(s); trainer.max_epochs=%s is replaced by it",
+            type(model).__name__,
+            parts,
+            total,
+            max_epochs,
+        )
+    return total
+
+
+def build_trainer(cfg: DictConfig, model: ElinspectModule | None = None, **overrides: Any) -> L.Trainer:
+    """The Trainer of ``cfg.trainer``, with the configured callbacks and loggers; given the
+    ``model`` it fits, ``max_epochs`` is the sum of the model's stage epochs where it declares
+    them (:func:`fit_epochs`)."""
     output_dir = cfg.paths.output_dir
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"), output_dir)
     trainer_cfg, speed = trainer_arguments(cfg.trainer)
+    if model is not None:
+        epochs = fit_epochs(model, trainer_cfg.get("max_epochs"), trainer_cfg.get("fast_dev_run", False))
+        if epochs != trainer_cfg.get("max_epochs"):
+            with open_dict(trainer_cfg):
+                trainer_cfg.max_epochs = epochs
+                trainer_cfg.min_epochs = min(trainer_cfg.get("min_epochs") or 0, epochs)
     speedup = speed_callback(speed)
     if speedup is not None:
         callbacks.append(speedup)

@@ -53,7 +53,7 @@ from torch.nn import functional as F
 from torchvision.ops import boxes as box_ops
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
-from elinspect.data.detection import resize_with_boxes
+from elinspect.data.box_transforms import resize_with_boxes
 from elinspect.data.images import read_image, to_tensor_layout
 from elinspect.data.transforms import resize
 from elinspect.drawing import draw_detections

@@ -43,8 +43,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
+from elinspect.data.box_transforms import resize_with_boxes
 from elinspect.data.cell_crop import cut_out_cell
-from elinspect.data.detection import resize_with_boxes
 from elinspect.data.errors import DatasetError
 from elinspect.data.folder import IMAGE_EXTENSIONS
 from elinspect.data.images import read_image, to_tensor_layout
@@ -66,7 +66,6 @@ __all__ = [
     "PreparedImage",
     "Skipped",
     "TemplateFinder",
-    "heatmap_scale",
     "image_loader",
     "list_inputs",
     "load_model",
@@ -503,23 +502,6 @@ def run_batch(loaded: LoadedModel, items: Sequence[PreparedImage]) -> list[dict[
             target["template"] = item.template.to(device)
     out = loaded.module.predict_step((images, targets), 0)
     return [{k: v.detach().cpu() for k, v in pred.items()} for pred in out]
-
-
-def heatmap_scale(loaded: LoadedModel) -> float | None:
-    """The anomaly-map value drawn at the top of the colour scale, where the model gives the
-    map a unit: twice the pixel threshold (autoencoder), twice the image threshold when the
-    image score is the map's maximum (PaDiM), twice the heatmap unit (SeMaCNN's 0.99 quantile
-    of normal maps) — so the decision level sits in the middle of the scale. ``None`` (GAN-AE,
-    whose threshold is on another quantity): each map is drawn on its own scale."""
-    from elinspect.models.anomaly.padim_module import PadimModule
-
-    for name in ("pixel_threshold", "heatmap_scale"):
-        value = loaded.buffer(name)
-        if value is not None and value > 0:
-            return 2 * value
-    if isinstance(loaded.module, PadimModule) and loaded.threshold is not None and loaded.threshold > 0:
-        return 2 * loaded.threshold
-    return None
 
 
 def _round(values: Iterable[float], digits: int = 2) -> list[float]:

@@ -54,7 +54,6 @@ from elinspect.inference import (
     PreparedImage,
     Skipped,
     TemplateFinder,
-    heatmap_scale,
     image_loader,
     list_inputs,
     load_model,
@@ -261,7 +260,7 @@ class PredictionWriter:
         self.loaded, self.output = loaded, output
         self.score_threshold, self.overlays = score_threshold, overlays
         self.names = OverlayNames(base)
-        self.vmax = heatmap_scale(loaded)
+        self.vmax = loaded.module.heatmap_top()
         self.summary = PredictionSummary(output)
         self.rows: dict[Path, dict[str, Any]] = {}
         self.jsonl = (output / "predictions.jsonl").open("w", encoding="utf-8")

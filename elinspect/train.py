@@ -97,7 +97,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     save_resolved_config(cfg, output_dir)
 
     datamodule, model = build_datamodule_and_model(cfg)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, model)
     print_config(cfg)
     log_hyperparameters(trainer, model, cfg)
 

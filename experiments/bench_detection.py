@@ -78,7 +78,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import elinspect.utils.resolvers  # noqa: E402, F401  (registers the config resolvers)
-from elinspect.data.detection import DetectionDataset  # noqa: E402
+from elinspect.data.detection_dataset import DetectionDataset  # noqa: E402
 from elinspect.data.info import DatasetInfo  # noqa: E402
 from elinspect.data.pvel import PvelAdDataModule  # noqa: E402
 from elinspect.data.synthetic.pvel import write_pvel_dataset  # noqa: E402

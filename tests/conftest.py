@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
 
@@ -120,6 +120,15 @@ def make_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
 
     yield make
     GlobalHydra.instance().clear()
+
+
+def data_config(name: str) -> dict:
+    """``conf/data/<name>.yaml`` as a run composes it (with the shared loader settings it
+    extends, ``conf/data/common/loader.yaml``), interpolations left unresolved."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose(config_name="train.yaml", overrides=[f"data={name}"])
+    return OmegaConf.to_container(cfg.data, resolve=False)
 
 
 def group_options(group: str) -> list[str]:

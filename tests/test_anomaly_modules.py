@@ -172,6 +172,26 @@ def test_stage_one_fits_padim_and_the_heatmap_scale_only(semacnn_stage_one) -> N
     assert not any(p.requires_grad for p in module.padim.parameters())
 
 
+def test_each_model_says_where_its_maps_colour_scale_tops(fitted_padim, semacnn_stage_one) -> None:
+    """Predict overlays draw a map against ``heatmap_top()``: twice the unit the model gives its
+    maps, so that the decision level sits mid-scale; no unit, no fixed scale."""
+    from tests.test_autoencoder import autoencoder
+    from tests.test_ganae import ganae
+
+    padim, _, _ = fitted_padim
+    assert padim.heatmap_top() == pytest.approx(2 * float(padim.threshold))  # score = the map's max
+    sema, _, _ = semacnn_stage_one
+    assert sema.heatmap_top() == pytest.approx(2 * float(sema.heatmap_scale))
+    ae = autoencoder()
+    assert ae.heatmap_top() is None  # not fitted: no pixel threshold yet
+    ae.pixel_threshold.fill_(0.25)
+    ae.threshold.fill_(7.0)
+    assert ae.heatmap_top() == 0.5  # the pixel threshold, not the image one
+    gan = ganae()
+    gan.threshold.fill_(3.0)
+    assert gan.heatmap_top() is None  # its threshold is on a combined score, not on the map
+
+
 def test_the_heatmap_scale_comes_from_unaugmented_training_normals() -> None:
     """The scale is a statistic of training maps applied to unaugmented test maps: it is taken
     from ``image_unaugmented`` (the evaluation transform), not from the augmented image."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import OmegaConf
 
+from elinspect.models.base import ElinspectModule
 from elinspect.models.build import constructor_arguments, effective_loss_config
 from elinspect.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from elinspect.utils.resolvers import wandb_offline
@@ -91,6 +94,91 @@ def test_debug_options_set_what_their_names_say(make_cfg, option: str) -> None:
             got = bool(got)
         assert got == expected, (option, name, got)
     assert trainer._detect_anomaly  # every debug option checks autograd for NaN / inf
+
+
+LOADER_KEYS = {"num_workers", "pin_memory", "on_error"}
+
+
+@pytest.mark.parametrize("option", group_options("data"))
+def test_every_data_config_takes_its_loader_settings_from_the_shared_file(make_cfg, option: str) -> None:
+    """The loader settings are written once (conf/data/common/loader.yaml) and reach the
+    datamodule's base class through its ``**loader``."""
+    from tests.conftest import CONFIG_DIR
+
+    assert not LOADER_KEYS & set(OmegaConf.load(CONFIG_DIR / "data" / f"{option}.yaml"))
+    shared = OmegaConf.load(CONFIG_DIR / "data" / "common" / "loader.yaml")
+    root = ["data.root=somewhere"] if option == "folder" else []
+    cfg = make_cfg("train.yaml", [f"data={option}", *root])
+    assert {k: cfg.data[k] for k in LOADER_KEYS} == {k: shared[k] for k in LOADER_KEYS}
+    cfg = make_cfg(
+        "train.yaml",
+        [f"data={option}", *root, "data.num_workers=3", "data.pin_memory=true", "data.on_error=skip"],
+    )
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    assert datamodule.loader_settings() == {"num_workers": 3, "pin_memory": True, "persistent_workers": True}
+    assert datamodule.on_error == "skip"
+
+
+class StagedModule(ElinspectModule):
+    """A model whose stages fix the length of a fit (as SeMaCNN's and GAN-AE's do)."""
+
+    task = "classification"
+
+    def stage_epochs(self) -> dict[str, int]:
+        return {"fit": 1, "train": 2}
+
+
+def test_the_run_builder_sets_max_epochs_to_the_sum_of_a_models_stage_epochs(make_cfg, caplog) -> None:
+    from elinspect.build import build_trainer
+
+    cfg = make_cfg("train.yaml", ["trainer.max_epochs=7", "logger=csv"])
+    staged = StagedModule(optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    assert build_trainer(cfg).fit_loop.max_epochs == 7
+    with caplog.at_level(logging.INFO, logger="elinspect.build"):
+        assert build_trainer(cfg, staged).fit_loop.max_epochs == 3
+    assert (
+        "StagedModule's stages take 1 fit + 2 train = 3 epoch(s); trainer.max_epochs=7 is replaced"
+        in caplog.text
+    )
+    plain = StagedModule(optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    plain.stage_epochs = lambda: None  # a model that leaves the length to the trainer
+    assert build_trainer(cfg, plain).fit_loop.max_epochs == 7
+    smoke = build_trainer(make_cfg("train.yaml", ["debug=fdr", "logger=csv"]), staged)
+    assert smoke.fast_dev_run and smoke.fit_loop.max_epochs == 1  # one batch of each stage instead
+
+
+TINY_SEMACNN = ["model.padim.weights=null", "model.net.weights=null", "model.padim.k=10"]
+
+
+@pytest.mark.parametrize(
+    ("model", "overrides", "stages"),
+    [
+        ("semacnn", [*TINY_SEMACNN, "model.classifier_epochs=2"], {"PaDiM fit": 1, "classifier": 2}),
+        ("semacnn", [*TINY_SEMACNN, "model.classifier_epochs=null"], None),
+        (
+            "ganae",
+            ["model.generator_epochs=2", "model.encoder_epochs=3"],
+            {"generator": 2, "encoder": 3, "calibration": 1},
+        ),
+        (
+            "ganae",
+            [
+                "model.stages=encoder",
+                "model.encoder_epochs=3",
+                "model.threshold=f1",
+                "model.generator_ckpt=x.ckpt",
+            ],
+            {"generator": 0, "encoder": 3, "calibration": 0},
+        ),
+    ],
+)
+def test_staged_models_declare_their_stage_epochs(make_cfg, model: str, overrides: list[str], stages) -> None:
+    from elinspect.data.info import DatasetInfo
+    from elinspect.models.build import build_model
+
+    cfg = make_cfg("train.yaml", [f"model={model}", *overrides])
+    info = DatasetInfo(task="anomaly", class_names=("normal", "defect"), in_channels=1, image_size=(64, 64))
+    assert build_model(cfg.model, effective_loss_config(cfg), info).stage_epochs() == stages
 
 
 EBBA_TRAINING = {  # ebba-detector.txt §4.B: 600x600, lr 0.001, x0.1 at 15k and 30k iterations, batch 1

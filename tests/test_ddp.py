@@ -48,7 +48,7 @@ from elinspect.train import DistributedLaunchError, check_distributed_launch, sw
 from elinspect.utils import speed
 from elinspect.utils.ddp import DDPStrategy
 from elinspect.utils.speed import SpeedCallback, auto_num_workers, auto_pin_memory, inference_modules
-from tests.conftest import CONFIG_DIR, FAST_DETECTOR_OVERRIDES, REPO, group_options
+from tests.conftest import FAST_DETECTOR_OVERRIDES, REPO, data_config, group_options
 
 # ------------------------------------------------------------------------ trainer configs
 
@@ -227,7 +227,7 @@ def test_auto_loader_settings_follow_the_machine(monkeypatch, folder_data_factor
 def test_every_data_config_sizes_its_loaders_to_the_machine() -> None:
     """One mechanism for every dataset: ``num_workers: auto`` and ``pin_memory: auto``."""
     for name in group_options("data"):
-        node = OmegaConf.load(CONFIG_DIR / "data" / f"{name}.yaml")
+        node = data_config(name)
         assert (node.get("num_workers"), node.get("pin_memory")) == ("auto", "auto"), f"conf/data/{name}.yaml"
 
 

@@ -15,17 +15,14 @@ import numpy as np
 import pytest
 import torch
 
+from elinspect.data.box_transforms import detection_augmentation
 from elinspect.data.coco import CocoDataModule
-from elinspect.data.detection import (
-    DetectionDataset,
-    detection_augmentation,
-    detection_collate,
-    ratio_split,
-)
+from elinspect.data.detection_dataset import DetectionDataset, detection_collate
 from elinspect.data.errors import DatasetError
 from elinspect.data.pvel import PVEL_CLASSES, PvelAdDataModule
 from elinspect.data.readers.voc import CONTROL_CHARS, IGNORED_CLASS, MISSING_IMAGE, NO_NAME
 from elinspect.data.records import DetectionRecord
+from elinspect.data.splits import ratio_split
 from elinspect.data.voc import VocDataModule
 
 EBBA5 = ["crack", "finger", "black_core", "thick_line", "star_crack"]

@@ -417,7 +417,7 @@ def test_multi_scale_training_changes_what_reaches_the_backbone_and_eval_does_no
 
 
 def test_a_random_rescale_before_the_detector_is_refused_with_the_multi_scale_advice() -> None:
-    from elinspect.data.detection import detection_augmentation
+    from elinspect.data.box_transforms import detection_augmentation
 
     with pytest.raises(ValueError, match=r"min_size=\["):
         detection_augmentation(scale_limit=0.1)

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from elinspect.build import fit_epochs
 from elinspect.losses import MseFeatureLoss, ReconstructionLoss, SsimFeatureLoss
 from elinspect.models.anomaly.ganae import (
     Encoder,
@@ -95,7 +96,11 @@ def ganae(**kw: Any) -> GanAeModule:
     return GanAeModule(**args)
 
 
-def trainer(tmp_path: Path, **kw: Any) -> L.Trainer:
+def trainer(tmp_path: Path, fits: GanAeModule | None = None, **kw: Any) -> L.Trainer:
+    """A CPU trainer; given the module it ``fits``, ``max_epochs`` is set as the run builder
+    sets it (the sum of the module's stage epochs)."""
+    if fits is not None:
+        kw["max_epochs"] = fit_epochs(fits, kw.get("max_epochs", 1), kw.get("fast_dev_run", False))
     return L.Trainer(
         accelerator="cpu",
         logger=False,
@@ -272,7 +277,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     module = ganae(generator_epochs=3, encoder_epochs=3)
     snapshots = Snapshots()
     checkpoints = ModelCheckpoint(tmp / "ckpt", filename="{epoch}", save_top_k=-1, monitor=None)
-    fit = trainer(tmp, enable_checkpointing=True, callbacks=[snapshots, checkpoints], max_epochs=1)
+    fit = trainer(tmp, module, enable_checkpointing=True, callbacks=[snapshots, checkpoints], max_epochs=1)
     fit.fit(module, toy_loader(24, 0, seed=0, shuffle=True), toy_loader(8, 8, seed=50))
     final = {p: state(getattr(module.net, p)) for p in ("generator", "critic", "encoder")}
     return {"module": module, "trainer": fit, "snapshots": snapshots, "final": final, "dir": tmp / "ckpt"}
@@ -333,7 +338,7 @@ def test_resuming_a_stage_one_checkpoint_continues_at_stage_two(trained, tmp_pat
     torch.manual_seed(1)
     resumed = ganae(generator_epochs=3, encoder_epochs=3)
     snapshots = Snapshots()
-    trainer(tmp_path, callbacks=[snapshots]).fit(
+    trainer(tmp_path, resumed, callbacks=[snapshots]).fit(
         resumed,
         toy_loader(24, 0, seed=0, shuffle=True),
         toy_loader(8, 8, seed=50),
@@ -354,7 +359,7 @@ def test_stage_two_alone_starts_from_a_stage_one_checkpoint(trained, tmp_path: P
     )
     assert not bool(encoder_only.generator_trained)
     snapshots = Snapshots()
-    fit = trainer(tmp_path, callbacks=[snapshots])
+    fit = trainer(tmp_path, encoder_only, callbacks=[snapshots])
     fit.fit(encoder_only, toy_loader(16, 0, seed=0), toy_loader(8, 8, seed=50))
     assert [snapshots.stage[e] for e in sorted(snapshots.stage)] == ["encoder", "calibrate"]
     for part in ("generator", "critic"):
@@ -384,7 +389,7 @@ def test_fast_dev_run_runs_every_stage_on_its_one_batch(tmp_path: Path) -> None:
 def test_f1_threshold_is_chosen_on_validation(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = ganae(threshold="f1")
-    fit = trainer(tmp_path)
+    fit = trainer(tmp_path, module)
     fit.fit(module, toy_loader(16, 0, seed=0), toy_loader(8, 8, seed=50))
     assert fit.current_epoch == 2  # no calibration epoch
     assert float(fit.callback_metrics["val/threshold"]) == pytest.approx(float(module.threshold))
@@ -481,7 +486,7 @@ def test_the_threshold_is_calibrated_on_unaugmented_training_normals(tmp_path: P
     ]
     module = ganae(generator_epochs=1, encoder_epochs=1)
     assert module.extra_inputs == {"unaugmented"}  # the run builder asks the datamodule for them
-    fit = trainer(tmp_path)
+    fit = trainer(tmp_path, module)
     fit.fit(module, DataLoader(items, batch_size=8), toy_loader(8, 8, seed=50))
     with torch.no_grad():
         plain_scores, _ = module.eval().net(plain)
@@ -504,4 +509,4 @@ def test_a_non_finite_calibration_score_is_an_error_not_a_skipped_image(tmp_path
         for i, b in enumerate(torch.cat([b["image"] for b in toy_loader(8, 0, seed=0)]))
     ]
     with pytest.raises(NonFiniteScoreError, match=r"GAN-AE calibration.*dataset row 0"):
-        trainer(tmp_path).fit(module, DataLoader(items, batch_size=8))
+        trainer(tmp_path, module).fit(module, DataLoader(items, batch_size=8))

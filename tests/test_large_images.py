@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from elinspect.data.detection import DetectionDataset
+from elinspect.data.detection_dataset import DetectionDataset
 from elinspect.data.records import DetectionRecord
 from tests.conftest import REPO
 

@@ -73,3 +73,16 @@ def test_the_check_finds_an_upward_import_even_inside_a_function(tmp_path: Path)
         "elinspect.metrics.bad → elinspect.train (line 1)",
         "elinspect.utils.build → elinspect.models.base (line 1)",
     ]
+
+
+def test_no_model_rewrites_the_fit_loop() -> None:
+    """A model declares its stage epochs (``stage_epochs``); the run builder applies them."""
+    writes = [
+        f"{path.relative_to(PACKAGE)}:{node.lineno}"
+        for path in sorted((PACKAGE / "models").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assign | ast.AugAssign)
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if "fit_loop" in ast.unparse(target) or ast.unparse(target).endswith("trainer.max_epochs")
+    ]
+    assert writes == []

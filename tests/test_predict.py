@@ -20,7 +20,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from elinspect.data.detection import DetectionDataset
+from elinspect.data.detection_dataset import DetectionDataset
 from elinspect.data.elpv import ElpvDataset, ElpvTable
 from elinspect.data.errors import DatasetError
 from elinspect.data.folder import FolderDataset, FolderSample

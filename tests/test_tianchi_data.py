@@ -15,16 +15,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from elinspect.data.aluminum import AluminumDataModule
-from elinspect.data.detection import (
-    NO_TEMPLATE,
-    DetectionDataset,
-    detection_augmentation,
-    fixed_size_split,
-    shift_image,
-)
+from elinspect.data.box_transforms import detection_augmentation, shift_image
+from elinspect.data.detection import NO_TEMPLATE
+from elinspect.data.detection_dataset import DetectionDataset
 from elinspect.data.errors import DatasetError, ErrorTally
 from elinspect.data.fabric import FabricDataModule
 from elinspect.data.readers.boxes import (
@@ -39,13 +34,14 @@ from elinspect.data.readers.labelme import UNPARSABLE
 from elinspect.data.readers.tianchi_fabric import read_fabric_annotations
 from elinspect.data.readers.voc import IGNORED_CLASS, MISSING_IMAGE, UNKNOWN_CLASS
 from elinspect.data.records import DetectionRecord
+from elinspect.data.splits import fixed_size_split
 from elinspect.data.synthetic.__main__ import main as synthetic_main
 from elinspect.data.synthetic.aluminum import write_aluminum_dataset
 from elinspect.data.synthetic.fabric import ANNOTATION_FILE, write_fabric_dataset
-from tests.conftest import CONFIG_DIR, FAST_DETECTOR_OVERRIDES, SHARED
+from tests.conftest import FAST_DETECTOR_OVERRIDES, SHARED, data_config
 
-FABRIC_CFG = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "fabric.yaml"))
-ALUMINUM_CFG = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "aluminum.yaml"))
+FABRIC_CFG = data_config("fabric")
+ALUMINUM_CFG = data_config("aluminum")
 FIXTURE = SHARED / "fixtures" / "tianchi-fabric-round2-anno_train_20190925.json"
 N = 24
 TEST = 5  # the test_size override for the small synthetic sets (the paper's is 500)

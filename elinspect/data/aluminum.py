@@ -23,20 +23,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Unpack
 
-from elinspect.data.detection import (
-    SPLITS,
-    DetectionDataModule,
-    Resize,
-    class_list,
-    class_lookup,
-    fixed_size_split,
-)
-from elinspect.data.errors import DatasetError, ErrorTally, OnError
+from elinspect.data.base import LoaderArgs
+from elinspect.data.box_transforms import Resize
+from elinspect.data.detection import SPLITS, DetectionDataModule, class_list, class_lookup
+from elinspect.data.errors import DatasetError, ErrorTally
 from elinspect.data.readers.boxes import image_size
 from elinspect.data.readers.labelme import read_labelme
 from elinspect.data.readers.voc import IMAGE_EXTENSIONS, MISSING_IMAGE, UNREADABLE_IMAGE
 from elinspect.data.records import DetectionRecord
+from elinspect.data.splits import fixed_size_split
 
 RELEASE_DIR = "guangdong_round2_train_20181011"
 
@@ -61,11 +58,9 @@ class AluminumDataModule(DetectionDataModule):
         resize: Resize = "longer",
         augment: dict[str, float] | None = None,
         batch_size: int = 2,
-        num_workers: int | str = 0,
-        pin_memory: bool | str = False,
-        on_error: OnError = "raise",
+        **loader: Unpack[LoaderArgs],
     ) -> None:
-        super().__init__()
+        super().__init__(**loader)
         self.save_hyperparameters(logger=False)
         self.labels = class_lookup(classes, name_map)
 

@@ -1,5 +1,7 @@
 """What every elinspect datamodule shares: one ``dataset(split)`` served as the train, val,
-test and predict dataloaders with the config's batch size, workers and pinned memory.
+test and predict dataloaders with the config's batch size, workers and pinned memory, and the
+bad-input policy. Those loader settings (:class:`LoaderArgs`, ``conf/data/common/loader.yaml``,
+which every data config extends) pass through a datamodule's ``**loader`` to this base.
 
 ``num_workers: auto`` and ``pin_memory: auto`` (the data configs' defaults) are sized to the
 machine when the loaders are made (:func:`~elinspect.utils.speed.auto_num_workers`: up to 4
@@ -9,19 +11,29 @@ device); workers persist across epochs whenever there are any."""
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from elinspect.data.errors import OnError
 from elinspect.data.resumable import ResumableDataLoader
 from elinspect.utils.errors import ConfigError
 from elinspect.utils.speed import auto_num_workers, auto_pin_memory
 
 
+class LoaderArgs(TypedDict, total=False):
+    """The settings every datamodule takes and hands to :class:`SplitDataModule`."""
+
+    num_workers: int | str  # "auto": sized to the machine (module docstring); 0: the main process
+    pin_memory: bool | str  # "auto": when batches go to a CUDA device
+    on_error: OnError  # "raise" | "skip": what a reader does with bad input (elinspect.data.errors)
+
+
 class SplitDataModule(L.LightningDataModule):
-    """Subclasses implement :meth:`dataset`; their hparams hold ``batch_size``,
-    ``num_workers`` and ``pin_memory``. The training split is shuffled; predict serves test."""
+    """Subclasses implement :meth:`dataset`; their hparams hold ``batch_size``; they pass their
+    ``**loader`` (:class:`LoaderArgs`) to this ``__init__``. The training split is shuffled;
+    predict serves test."""
 
     collate_fn: ClassVar[Callable[[list[Any]], Any] | None] = None
     servable_inputs: ClassVar[frozenset[str]] = frozenset({"unaugmented"})
@@ -32,6 +44,14 @@ class SplitDataModule(L.LightningDataModule):
     SeMaCNN's heatmap scale)."""
 
     requested_inputs: frozenset[str] = frozenset()
+
+    def __init__(
+        self, num_workers: int | str = 0, pin_memory: bool | str = False, on_error: OnError = "raise"
+    ) -> None:
+        super().__init__()
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.on_error = on_error
 
     def dataset(self, split: str) -> Dataset:
         raise NotImplementedError
@@ -50,13 +70,12 @@ class SplitDataModule(L.LightningDataModule):
     def loader_settings(self) -> dict[str, Any]:
         """``num_workers``, ``pin_memory`` and ``persistent_workers`` of the loaders, with
         ``auto`` resolved for this machine and the attached trainer (its devices per node)."""
-        hp = self.hparams
         trainer = self.trainer
         processes = trainer.num_devices if trainer is not None else 1
-        workers = auto_num_workers(hp.get("num_workers", 0), processes)
+        workers = auto_num_workers(self.num_workers, processes)
         return {
             "num_workers": workers,
-            "pin_memory": auto_pin_memory(hp.get("pin_memory", False), trainer),
+            "pin_memory": auto_pin_memory(self.pin_memory, trainer),
             "persistent_workers": workers > 0,
         }
 

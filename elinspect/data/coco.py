@@ -10,11 +10,15 @@ protocol line says so). ``iscrowd = 1`` boxes are ``difficult`` (never penalised
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Unpack
 
-from elinspect.data.detection import DetectionDataModule, Resize, class_list, holdout_split
-from elinspect.data.errors import ErrorTally, OnError
+from elinspect.data.base import LoaderArgs
+from elinspect.data.box_transforms import Resize
+from elinspect.data.detection import DetectionDataModule, class_list
+from elinspect.data.errors import ErrorTally
 from elinspect.data.readers.coco import read_coco
 from elinspect.data.records import DetectionRecord
+from elinspect.data.splits import holdout_split
 
 
 class CocoDataModule(DetectionDataModule):
@@ -46,11 +50,9 @@ class CocoDataModule(DetectionDataModule):
         resize: Resize = "longer",
         augment: dict[str, float] | None = None,
         batch_size: int = 2,
-        num_workers: int | str = 0,
-        pin_memory: bool | str = False,
-        on_error: OnError = "raise",
+        **loader: Unpack[LoaderArgs],
     ) -> None:
-        super().__init__()
+        super().__init__(**loader)
         self.save_hyperparameters(logger=False)
 
     def _path(self, path: str) -> Path:

@@ -41,13 +41,13 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Unpack
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from elinspect.data.base import SplitDataModule
+from elinspect.data.base import LoaderArgs, SplitDataModule
 from elinspect.data.errors import DatasetError, ErrorTally, OnError
 from elinspect.data.images import read_image, to_tensor_layout
 from elinspect.data.info import DatasetInfo
@@ -280,11 +280,9 @@ class ElpvDataModule(SplitDataModule):
         augment: dict[str, float] | None = None,
         expand: int = 0,
         batch_size: int = 32,
-        num_workers: int | str = 0,
-        pin_memory: bool | str = False,
-        on_error: OnError = "raise",
+        **loader: Unpack[LoaderArgs],
     ) -> None:
-        super().__init__()
+        super().__init__(**loader)
         self.save_hyperparameters(logger=False)
         if module_type not in ("all", *MODULE_TYPES):
             raise ConfigError(f"data.module_type must be all, mono or poly, got {module_type!r}")
@@ -300,9 +298,9 @@ class ElpvDataModule(SplitDataModule):
         if self.split_rows:
             return
         hp = self.hparams
-        tally = ErrorTally(hp.on_error)
+        tally = ErrorTally(self.on_error)
         self.table = read_labels(
-            hp.root or package_root(), hp.on_error, check_images=hp.root is not None, tally=tally
+            hp.root or package_root(), self.on_error, check_images=hp.root is not None, tally=tally
         )
         self.tally = tally
         self.targets = make_targets(self.table.probability, hp.target, hp.threshold, hp.threshold_rule)

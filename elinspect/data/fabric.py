@@ -26,21 +26,18 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Unpack
 
-from elinspect.data.detection import (
-    SPLITS,
-    DetectionDataModule,
-    Resize,
-    check_template_shift,
-    class_list,
-    class_lookup,
-    fixed_size_split,
-)
-from elinspect.data.errors import DatasetError, ErrorTally, OnError
+from elinspect.data.base import LoaderArgs
+from elinspect.data.box_transforms import Resize
+from elinspect.data.detection import SPLITS, DetectionDataModule, class_list, class_lookup
+from elinspect.data.detection_dataset import check_template_shift
+from elinspect.data.errors import DatasetError, ErrorTally
 from elinspect.data.readers.boxes import image_size, path_inside, sanitize_boxes
 from elinspect.data.readers.tianchi_fabric import FabricAnnotations, read_fabric_annotations
 from elinspect.data.readers.voc import MISSING_IMAGE, UNREADABLE_IMAGE
 from elinspect.data.records import DetectionRecord
+from elinspect.data.splits import fixed_size_split
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +82,9 @@ class FabricDataModule(DetectionDataModule):
         resize: Resize = "longer",
         augment: dict[str, float] | None = None,
         batch_size: int = 2,
-        num_workers: int | str = 0,
-        pin_memory: bool | str = False,
-        on_error: OnError = "raise",
+        **loader: Unpack[LoaderArgs],
     ) -> None:
-        super().__init__()
+        super().__init__(**loader)
         self.save_hyperparameters(logger=False)
         self.labels = class_lookup(classes, name_map)
         check_template_shift(template_shift)

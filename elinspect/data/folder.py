@@ -78,7 +78,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Unpack
 
 import albumentations as A
 import cv2
@@ -86,7 +86,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from elinspect.data.base import SplitDataModule
+from elinspect.data.base import LoaderArgs, SplitDataModule
 from elinspect.data.cell_crop import cut_out_cell
 from elinspect.data.errors import DatasetError, ErrorTally, OnError
 from elinspect.data.images import read_image, to_tensor_layout
@@ -441,12 +441,10 @@ class FolderDataModule(SplitDataModule):
         channels: int = 3,
         augment: dict[str, float] | None = None,
         batch_size: int = 16,
-        num_workers: int | str = 0,
-        pin_memory: bool | str = False,
-        on_error: OnError = "raise",
         cell_crop: dict[str, int] | None = None,
+        **loader: Unpack[LoaderArgs],
     ) -> None:
-        super().__init__()
+        super().__init__(**loader)
         self.save_hyperparameters(logger=False)
         if cell_crop is not None and not set(cell_crop) <= {"threshold", "close"}:
             raise ConfigError(f"data.cell_crop takes threshold and close, got {sorted(cell_crop)}")
@@ -469,7 +467,7 @@ class FolderDataModule(SplitDataModule):
         if self.split_indices:
             return
         hp = self.hparams
-        tally = ErrorTally(hp.on_error)
+        tally = ErrorTally(self.on_error)
         self.samples = collect_samples(
             hp.root,
             hp.normal_dir,
@@ -477,7 +475,7 @@ class FolderDataModule(SplitDataModule):
             hp.mask_dir,
             hp.normal_test_dir,
             hp.mask_suffixes,
-            hp.on_error,
+            self.on_error,
             tally,
         )
         self.tally = tally

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Unpack
 
-from elinspect.data.detection import Resize, class_list
-from elinspect.data.errors import ErrorTally, OnError
+from elinspect.data.base import LoaderArgs
+from elinspect.data.box_transforms import Resize
+from elinspect.data.detection import class_list
+from elinspect.data.errors import ErrorTally
 from elinspect.data.voc import VocLayoutDataModule
 from elinspect.utils.errors import ConfigError
 
@@ -59,11 +61,9 @@ class PvelAdDataModule(VocLayoutDataModule):
         resize: Resize = "square",
         augment: dict[str, float] | None = None,
         batch_size: int = 2,
-        num_workers: int | str = 0,
-        pin_memory: bool | str = False,
-        on_error: OnError = "raise",
+        **loader: Unpack[LoaderArgs],
     ) -> None:
-        super().__init__()
+        super().__init__(**loader)
         self.save_hyperparameters(logger=False)
         self.selected = self.resolve_classes(classes, class_sets)
 

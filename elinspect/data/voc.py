@@ -16,17 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Unpack
 
-from elinspect.data.detection import (
-    SPLITS,
-    DetectionDataModule,
-    Resize,
-    class_list,
-    holdout_split,
-    ratio_split,
-)
-from elinspect.data.errors import DatasetError, ErrorTally, OnError
+from elinspect.data.base import LoaderArgs
+from elinspect.data.box_transforms import Resize
+from elinspect.data.detection import SPLITS, DetectionDataModule, class_list
+from elinspect.data.errors import DatasetError, ErrorTally
 from elinspect.data.readers.voc import (
     _read_voc_item,
     discover_voc_classes,
@@ -35,6 +30,7 @@ from elinspect.data.readers.voc import (
     resolve_voc_root,
 )
 from elinspect.data.records import DetectionRecord
+from elinspect.data.splits import holdout_split, ratio_split
 from elinspect.utils.errors import ConfigError
 
 SplitMode = Literal["auto", "official", "ratio"]
@@ -157,11 +153,9 @@ class VocDataModule(VocLayoutDataModule):
         resize: Resize = "longer",
         augment: dict[str, float] | None = None,
         batch_size: int = 2,
-        num_workers: int | str = 0,
-        pin_memory: bool | str = False,
-        on_error: OnError = "raise",
+        **loader: Unpack[LoaderArgs],
     ) -> None:
-        super().__init__()
+        super().__init__(**loader)
         self.save_hyperparameters(logger=False)
 
     def select_classes(self, voc: Path, tally: ErrorTally) -> tuple[list[str], list[str] | None]:

@@ -17,6 +17,12 @@ CHECKPOINT_KEY = "elinspect"
 SCHEDULER_INTERVALS = ("epoch", "step")
 
 
+def twice_when_set(value: torch.Tensor) -> float | None:
+    """``2 × value`` of a scalar buffer that is set (finite and positive), else ``None``."""
+    number = float(value)
+    return 2 * number if math.isfinite(number) and number > 0 else None
+
+
 class ElinspectModule(L.LightningModule):
     """Base class. Subclasses set ``task`` (what kind of datamodule they need) and, where it
     is not a classification loss on logits, ``loss_kind`` (what kind of ``loss`` they train
@@ -63,6 +69,19 @@ class ElinspectModule(L.LightningModule):
                 "frequency": 1,
             },
         }
+
+    def heatmap_top(self) -> float | None:
+        """The anomaly-map value drawn at the top of the colour scale where the model gives its
+        maps a unit (twice it, so that the decision level sits mid-scale); ``None``: no map, or
+        maps without a unit (each is drawn on its own scale)."""
+        return None
+
+    def stage_epochs(self) -> dict[str, int] | None:
+        """The epochs each training stage takes, in order, when the model's stages fix the length
+        of a fit (SeMaCNN's PaDiM fit and classifier, GAN-AE's generator, encoder and
+        calibration); ``None``: ``trainer.max_epochs`` decides. The run builder sets
+        ``trainer.max_epochs`` to their sum (:func:`elinspect.build.fit_epochs`)."""
+        return None
 
     def schedule_length(self) -> dict[str, int]:
         """What a scheduler needs to know of the run's length, read off the trainer when training

@@ -35,6 +35,7 @@ from elinspect.losses.reconstruction import MseFeatureLoss, ReconstructionLoss
 from elinspect.models.anomaly.autoencoder import AutoencoderDetector, ConvAutoencoder, ImageScore, segment
 from elinspect.models.anomaly.base import AnomalyModule
 from elinspect.models.anomaly.thresholds import best_f1_threshold, otsu_threshold
+from elinspect.models.base import twice_when_set
 from elinspect.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,10 @@ class AutoencoderModule(AnomalyModule):
         self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
         self.val_pixels = CatMetric()
         self._val_pixel_count = 0
+
+    def heatmap_top(self) -> float | None:
+        """Twice the pixel threshold (the map's unit: residual above it is defect)."""
+        return twice_when_set(self.pixel_threshold)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Image scores (N) and heatmaps (N×1×H×W) of images in [0, 1]."""

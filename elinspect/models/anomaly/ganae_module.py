@@ -25,8 +25,8 @@ derives its stage), so a checkpoint saved anywhere in the run resumes in the rig
   is no calibration epoch: after every validation of stage 2 the threshold is the F1-optimal
   one on the validation scores (labels used; as PaDiM/SeMaCNN here).
 
-``trainer.max_epochs`` is replaced by ``generator_epochs + encoder_epochs (+ 1)`` when the fit
-starts (logged); set the stage lengths with ``model.generator_epochs`` / ``model.encoder_epochs``.
+The run builder replaces ``trainer.max_epochs`` by ``generator_epochs + encoder_epochs (+ 1)``
+(:meth:`GanAeModule.stage_epochs`; logged); set the stage lengths with ``model.generator_epochs`` / ``model.encoder_epochs``.
 Under ``trainer.fast_dev_run`` the one training batch runs every stage once (a critic, a
 generator and an encoder step, then calibration), so a smoke test reaches test metrics.
 
@@ -276,23 +276,15 @@ class GanAeModule(AnomalyModule):
             net.requires_grad_(trainable)
             net.train(trainable)
 
+    def stage_epochs(self) -> dict[str, int]:
+        schedule = self.schedule
+        return {
+            "generator": schedule.generator_epochs,
+            "encoder": schedule.encoder_epochs,
+            "calibration": int(schedule.calibrate),
+        }
+
     def on_fit_start(self) -> None:
-        trainer = self.trainer
-        if not trainer.fast_dev_run:
-            total = self.schedule.total
-            if trainer.max_epochs != total:
-                log.info(
-                    "GAN-AE schedule (model.stages=%s): %d generator + %d encoder + %d calibration "
-                    "epoch(s) = %d; trainer.max_epochs=%s is replaced by it",
-                    self.stages,
-                    self.schedule.generator_epochs,
-                    self.schedule.encoder_epochs,
-                    int(self.schedule.calibrate),
-                    total,
-                    trainer.max_epochs,
-                )
-            trainer.fit_loop.max_epochs = total
-            trainer.fit_loop.min_epochs = min(trainer.fit_loop.min_epochs or 0, total)
         if self.stages == "encoder" and not bool(self.generator_trained):
             self.load_generator(self.generator_ckpt)
 

@@ -41,6 +41,7 @@ from elinspect.data.normals import normal_images
 from elinspect.models.anomaly.base import AnomalyModule, count_step_without_optimizer, fit_epoch_done
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.thresholds import best_f1_threshold
+from elinspect.models.base import twice_when_set
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,11 @@ class PadimModule(PadimFitMixin, AnomalyModule):
     def anomaly_maps(self, images: Tensor) -> Tensor:
         """Anomaly maps N×1×H×W (what the heatmap visuals draw)."""
         return self.padim(images)
+
+    def heatmap_top(self) -> float | None:
+        """Twice the image threshold: the image score is the map's maximum, so the threshold is
+        the map's unit too."""
+        return twice_when_set(self.threshold)
 
     # ------------------------------------------------------------------------------ fit
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

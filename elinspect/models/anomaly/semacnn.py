@@ -17,7 +17,8 @@ in one Lightning run:
 
 :attr:`SemaCnnModule.stage` is derived from the persistent buffers (PaDiM's ``fitted`` and
 ``heatmap_scale``), so a run resumed from a checkpoint saved after stage 1 continues with
-stage 2 and never refits; ``trainer.max_epochs`` = 1 + ``classifier_epochs``.
+stage 2 and never refits; the run builder sets ``trainer.max_epochs`` to 1 + ``classifier_epochs``
+(:meth:`SemaCnnModule.stage_epochs`).
 
 **Heatmap scale.** The classifier sees ``map / heatmap_scale``, where ``heatmap_scale`` (a
 persistent buffer) is the ``scale_quantile`` (0.99) quantile of the anomaly-map pixels of
@@ -57,7 +58,7 @@ from elinspect.metrics.pixel import PixelAuroc
 from elinspect.models.anomaly.base import fit_epoch_done, log_pixel_auroc
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimFitMixin
-from elinspect.models.base import ElinspectModule
+from elinspect.models.base import ElinspectModule, twice_when_set
 from elinspect.models.classification.module import class_outputs, classification_metrics, score_and_log
 from elinspect.utils.errors import ConfigError
 
@@ -81,8 +82,8 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         heatmap_size: the side the classifier reads the heatmap at (``None``: the input
             image's size). The map's information lives on PaDiM's ``feature_size`` grid, so
             reading it there costs far less than at the input size (see the module docstring).
-        classifier_epochs: stage 2's epochs; when set, ``trainer.max_epochs`` becomes
-            ``1 + classifier_epochs`` at the start of the fit (``None``: the trainer's).
+        classifier_epochs: stage 2's epochs; when set, the run builder makes
+            ``trainer.max_epochs`` ``1 + classifier_epochs`` (``None``: the trainer's).
     """
 
     task: ClassVar[str] = "anomaly"
@@ -179,20 +180,14 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         """Class logits N×num_classes of images in [0, 1] (PaDiM fitted)."""
         return self.net(self.classifier_input(self.anomaly_maps(images), images))
 
-    def on_fit_start(self) -> None:
-        trainer = self.trainer
-        if self.classifier_epochs is None or trainer.fast_dev_run:
-            return
-        total = 1 + self.classifier_epochs
-        if trainer.max_epochs != total:
-            log.info(
-                "SeMaCNN: 1 PaDiM fit epoch + %d classifier epochs; trainer.max_epochs=%s is replaced by %d",
-                self.classifier_epochs,
-                trainer.max_epochs,
-                total,
-            )
-        trainer.fit_loop.max_epochs = total
-        trainer.fit_loop.min_epochs = min(trainer.fit_loop.min_epochs or 0, total)
+    def heatmap_top(self) -> float | None:
+        """Twice the heatmap unit (the 0.99 quantile of normal training maps)."""
+        return twice_when_set(self.heatmap_scale)
+
+    def stage_epochs(self) -> dict[str, int] | None:
+        if self.classifier_epochs is None:
+            return None
+        return {"PaDiM fit": 1, "classifier": self.classifier_epochs}
 
     # ------------------------------------------------------------------ stage 1: the fit
     def _keep_for_scale(self, batch: dict[str, Tensor]) -> None:
