@@ -257,7 +257,9 @@ def test_fitted_gaussian_round_trips_through_state_dict(fitted: Padim) -> None:
     assert {"mean", "inv_cholesky", "fitted", "projection"} <= set(state)
     assert not {"sum_x", "sum_xx", "count"} & set(state)  # the running sums stay out of checkpoints
     fresh = Padim(**SMALL)
+    assert not fresh.is_fitted and fitted.is_fitted
     fresh.load_state_dict(state)
+    assert fresh.is_fitted  # a loaded Gaussian scores at once
     images = smooth_textures(2, seed=9)
     torch.testing.assert_close(fresh(images), fitted(images))
 

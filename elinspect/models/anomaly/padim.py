@@ -247,6 +247,12 @@ class Padim(nn.Module):
         for name in ("sum_x", "sum_xx", "count"):
             self.register_buffer(name, None, persistent=False)
 
+    @property
+    def is_fitted(self) -> bool:
+        """Whether the Gaussians are fitted (or loaded): the ``fitted`` buffer, mirrored in a
+        Python bool so that asking costs no device synchronisation."""
+        return self._fitted
+
     def train(self, mode: bool = True) -> Padim:
         """The backbone stays in eval mode: batch-norm running statistics are never updated
         and features do not depend on what else is in the batch."""

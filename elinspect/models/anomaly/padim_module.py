@@ -87,7 +87,7 @@ class PadimFitMixin:
 
     def finish_padim_fit(self) -> bool:
         """Reduce the sums over ranks and finalize, if a fit is pending; True if it fitted now."""
-        if self.padim._fitted:
+        if self.padim.is_fitted:
             return False
         trainer = self.trainer  # type: ignore[attr-defined]
         sum_x, sum_xx, count = self.padim.sums()  # every rank allocates, so the reduction matches
@@ -158,7 +158,7 @@ class PadimModule(PadimFitMixin, AnomalyModule):
 
     # ------------------------------------------------------------------------------ fit
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        if self.padim._fitted:
+        if self.padim.is_fitted:
             return
         seen = self.padim_update(batch)
         # summed over the epoch's batches and (sync_dist) over DDP ranks: the images the fit saw
@@ -177,7 +177,7 @@ class PadimModule(PadimFitMixin, AnomalyModule):
 
     # ------------------------------------------------------------------------- evaluate
     def ready(self) -> bool:
-        return self.padim._fitted  # the sanity check before the fit has nothing to score with
+        return self.padim.is_fitted  # the sanity check before the fit has nothing to score with
 
     def score_batch(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
         return self.predict_batch(batch["image"])

@@ -240,7 +240,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.stage == 1:
             self._fit_epoch = self.current_epoch
-            if not self.padim._fitted:
+            if not self.padim.is_fitted:
                 self.padim_update(batch)
             self._keep_for_scale(batch)
             # A zero that reaches every trainable parameter: DistributedDataParallel expects a
