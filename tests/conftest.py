@@ -3,12 +3,15 @@ output directories."""
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -120,6 +123,17 @@ def make_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
 
     yield make
     GlobalHydra.instance().clear()
+
+
+def experiment_script(name: str) -> Iterator[ModuleType]:
+    """``experiments/<name>.py`` imported as the module ``name`` (the scripts import each other
+    by that name), removed again afterwards; for a fixture to ``yield from``."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(name, None)
 
 
 def data_config(name: str) -> dict:

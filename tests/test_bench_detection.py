@@ -3,23 +3,14 @@ rounds with the order reversed every other round, warm-up discarded, and ratios 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_detection.py"
+from tests.conftest import experiment_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_detection", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_detection"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_detection", None)
+    yield from experiment_script("bench_detection")
 
 
 def make(bench, name: str):

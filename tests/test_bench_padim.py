@@ -3,25 +3,17 @@ gives each implementation."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_padim.py"
+from tests.conftest import experiment_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_padim", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_padim"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_padim", None)
+    yield from experiment_script("bench_padim")
 
 
 class SplitStandIn:
