@@ -75,7 +75,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ensure_writable_dir(cfg.paths.output_dir)
     save_resolved_config(cfg, cfg.paths.output_dir)
     datamodule, model = build_datamodule_and_model(cfg)
-    trainer = build_trainer(cfg, model)
+    trainer = build_trainer(cfg)
     print_config(cfg)
     trainer.test(model=model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
