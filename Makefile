@@ -52,7 +52,8 @@ $(BENCH_STAMP): $(STAMP)
 bench: install $(BENCH_STAMP) ## benchmarks (detectors + PVEL-AD loader, B-A attention, PaDiM vs anomalib, GAN-AE steps, Hydra launchers); each prints its table
 	$(PY) experiments/bench_detection.py --repeats 8 --out experiments/results/bench_detection.md
 	$(PY) experiments/bench_attention.py
-	$(PY) experiments/bench_padim.py --limit 1131 | tee experiments/results/bench_padim.md
+	$(PY) experiments/bench_padim.py --limit 1131
+	$(PY) experiments/bench_padim.py --limit 1131 --backbone efficientnet_lite0 --layers 1 2 3 --weights imagenet
 	$(PY) experiments/bench_padim.py --limit 256 --fit-doubling --test-limit 64
 	$(PY) experiments/bench_ganae.py --out experiments/results/bench_ganae.md
 	$(PY) experiments/bench_launchers.py --out experiments/results/bench_launchers.md
