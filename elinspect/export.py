@@ -5,9 +5,10 @@ against PyTorch, and describe it for deployers (issue 8).
     python -m elinspect.export ckpt_path=... format=torchscript output=deploy/padim.pt
     python -m elinspect.export ckpt_path=... format=onnx images='samples/*.png' atol=1e-3
 
-What is exported is the torch model that maps an image batch to its outputs (anomalib's
-split of torch model and Lightning module), wrapped per family so that every output is a
-plain tensor (:data:`FAMILIES`):
+What is exported is the torch model that maps an image batch to its named result (anomalib's
+split of torch model and Lightning module; :mod:`elinspect.models.results`), the same call the
+Lightning steps and ``predict`` make; the result's fields become the outputs, in each family's
+order (:data:`FAMILIES`):
 
 =============  ==========================  =================================================
 family         input                       outputs
@@ -60,7 +61,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,6 @@ from elinspect.inference import (
     list_inputs,
     load_model,
 )
-from elinspect.models.anomaly.semacnn import SemaCnnModule
 from elinspect.utils.checkpoint import read_checkpoint
 from elinspect.utils.errors import user_errors
 from elinspect.utils.library_warnings import silence_library_warnings
@@ -102,132 +102,47 @@ class ParityError(RuntimeError):
     """The exported model's outputs differ from PyTorch's by more than the tolerance."""
 
 
-# ------------------------------------------------------------------------ export wrappers
-def imagenet_inside(mean: Tensor, std: Tensor) -> dict[str, Any]:
-    return {"inside_model": True, "mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
+# ------------------------------------------------------------------------ export outputs
+def scalar_or_none(value: Any) -> float | None:
+    """A scalar buffer as a float when it is set (finite), else ``None``."""
+    if not torch.is_tensor(value) or value.numel() != 1:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
-class ExportWrapper(nn.Module):
-    """Base of the wrappers: ``forward(images)`` → a tuple of tensors, plus what the sidecar says
-    about the input's normalisation and the decision thresholds (buffers of the Lightning module
-    named in ``threshold_names``)."""
+class ModelOutputs(nn.Module):
+    """The torch model's own call (:mod:`elinspect.models.results`), its named result handed
+    over as the tuple of the family's ``outputs`` (tracing and ONNX see plain tensors); the
+    sidecar's normalisation and thresholds come from the model too.
 
-    threshold_names: tuple[str, ...] = ()
+    Holds the torch model, not the LightningModule (tracing inspects every attribute of a
+    module, and a Lightning module's ``trainer`` raises when it has none)."""
 
-    def normalisation(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def thresholds(self, loaded: LoadedModel) -> dict[str, float | None]:
-        return {name: loaded.buffer(name) for name in self.threshold_names}
-
-
-class ClassifierExport(ExportWrapper):
-    """images → (logits, probabilities) of :class:`~elinspect.models.classification.ImageClassifier`."""
-
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, model: nn.Module, outputs: Sequence[str]) -> None:
         super().__init__()
-        self.net = module.net
+        self.model = model
+        self.outputs = tuple(outputs)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        logits = self.net(images)
-        return logits, logits.softmax(dim=1)
-
-    def normalisation(self) -> dict[str, Any]:
-        return imagenet_inside(self.net.mean, self.net.std)
-
-
-class PadimExport(ExportWrapper):
-    """images → (anomaly map N×1×H×W, image score N = the map's maximum) of :class:`Padim`."""
-
-    threshold_names = ("threshold",)
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.padim = module.padim
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        maps = self.padim(images)
-        return maps, maps.flatten(1).amax(dim=1)
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        result = self.model(images)
+        return tuple(getattr(result, name) for name in self.outputs)
 
     def normalisation(self) -> dict[str, Any]:
-        return imagenet_inside(self.padim.norm_mean, self.padim.norm_std)
+        return self.model.normalisation()
+
+    def thresholds(self) -> dict[str, float | None]:
+        return {name: scalar_or_none(getattr(self.model, name)) for name in self.model.threshold_names}
 
 
-class SemaCnnExport(ExportWrapper):
-    """images → (anomaly map, logits, probabilities): SeMaCNN's PaDiM map and its heatmap classifier.
-
-    Holds the parts, not the LightningModule (tracing inspects every attribute of a module,
-    and a Lightning module's ``trainer`` raises when it has none)."""
-
-    threshold_names = ("heatmap_scale",)
-    classifier_input = SemaCnnModule.classifier_input  # the module's own, on the attributes below
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.padim, self.net = module.padim, module.net
-        self.register_buffer("heatmap_scale", module.heatmap_scale.detach().clone())
-        self.heatmap_with_image, self.heatmap_size = module.heatmap_with_image, module.heatmap_size
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        maps = self.padim(images)
-        logits = self.net(self.classifier_input(maps, images))
-        return maps, logits, logits.softmax(dim=1)
-
-    def normalisation(self) -> dict[str, Any]:
-        return imagenet_inside(self.padim.norm_mean, self.padim.norm_std)
-
-
-class GanAeExport(ExportWrapper):
-    """images → (score, anomaly map |x − x̂| at the input size, reconstruction x̂) of :class:`GanAe`."""
-
-    threshold_names = ("threshold",)
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.net = module.net
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out = self.net.analyse(images)
-        maps = self.net.localise(out["x"], out["x_hat"], images.shape[-2:])
-        return self.net.combine(out), maps, out["x_hat"]
-
-    def normalisation(self) -> dict[str, Any]:
-        return {
-            "inside_model": True,
-            "network_input": f"{self.net.channels} channel(s) at {self.net.image_size} px (grey = channel "
-            "mean; bilinear resize, antialiased when shrinking), scaled to [-1, 1]",
-        }
-
-
-class AutoencoderExport(ExportWrapper):
-    """images → (score, anomaly map) of :class:`~elinspect.models.anomaly.autoencoder.AutoencoderDetector`."""
-
-    threshold_names = ("threshold", "pixel_threshold")
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.net = module.net
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.net(images)
-
-    def normalisation(self) -> dict[str, Any]:
-        ae = self.net.autoencoder
-        return {
-            "inside_model": True,
-            "network_input": f"{ae.channels} channel(s) at {ae.image_size} px (grey = channel mean; "
-            "bilinear resize, antialiased when shrinking), in [0, 1]",
-        }
-
-
-class DetectorExport(ExportWrapper):
+class DetectorOutputs(nn.Module):
     """1×3×H×W image (and 1×3×H×W template for a model whose ``extra_inputs`` hold
     ``"template"``, RDDN's template reference) → (boxes K×4 in input pixels, labels K starting
-    at 1, scores K) of the torchvision detector in eval mode."""
+    at 1, scores K): the torchvision detector's per-image dict of its one image, in eval mode."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        self.detector = module.model
+        self.detector = module.torch_model
         self.with_template = "template" in set(getattr(module, "extra_inputs", ()) or ())
 
     def forward(self, images: Tensor, templates: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -250,7 +165,7 @@ class DetectorExport(ExportWrapper):
             },
         }
 
-    def thresholds(self, loaded: LoadedModel) -> dict[str, float | None]:
+    def thresholds(self) -> dict[str, float | None]:
         roi = self.detector.roi_heads
         return {
             "box_score_thresh": roi.score_thresh,
@@ -264,11 +179,11 @@ Tolerance = tuple[float, float]  # (atol, rtol)
 
 @dataclass(frozen=True)
 class Family:
-    """How one kind of model is exported: its wrapper, outputs, tolerances and ONNX exporter."""
+    """How one kind of model is exported: the fields of its torch model's result that become the
+    outputs (in this order), their tolerances and the ONNX exporter."""
 
     name: str
     module_class: str
-    wrap: Callable[[nn.Module], ExportWrapper]
     outputs: tuple[str, ...]
     tolerances: Mapping[str, Tolerance]
     onnx_exporter: str = "torchscript"
@@ -283,14 +198,12 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "classifier",
         "elinspect.models.classification.module.ClassifierModule",
-        ClassifierExport,
         ("logits", "probabilities"),
         {"logits": (1e-4, 1e-4), "probabilities": (1e-4, 0.0)},
     ),
     Family(
         "padim",
         "elinspect.models.anomaly.padim_module.PadimModule",
-        PadimExport,
         ("anomaly_map", "score"),
         {"anomaly_map": (1e-3, 1e-4), "score": (1e-3, 1e-4)},
         onnx_exporter="dynamo",
@@ -298,7 +211,6 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "semacnn",
         "elinspect.models.anomaly.semacnn.SemaCnnModule",
-        SemaCnnExport,
         ("anomaly_map", "logits", "probabilities"),
         {"anomaly_map": (1e-3, 1e-4), "logits": (1e-3, 1e-4), "probabilities": (1e-4, 0.0)},
         onnx_exporter="dynamo",
@@ -306,7 +218,6 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "ganae",
         "elinspect.models.anomaly.ganae_module.GanAeModule",
-        GanAeExport,
         ("score", "anomaly_map", "reconstruction"),
         {"score": (1e-4, 1e-3), "anomaly_map": (1e-4, 0.0), "reconstruction": (1e-4, 0.0)},
         onnx_exporter="dynamo",
@@ -315,7 +226,6 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "autoencoder",
         "elinspect.models.anomaly.autoencoder_module.AutoencoderModule",
-        AutoencoderExport,
         ("score", "anomaly_map"),
         {"score": (1e-4, 1e-3), "anomaly_map": (1e-4, 0.0)},
         onnx_exporter="dynamo",
@@ -323,7 +233,6 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "detector",
         "elinspect.models.detection.module.DetectionModule",
-        DetectorExport,
         ("boxes", "labels", "scores"),
         {"boxes": (1e-2, 0.0), "labels": (0.0, 0.0), "scores": (1e-4, 0.0)},
         detector=True,
@@ -342,6 +251,13 @@ def family_of(loaded: LoadedModel) -> Family:
         f"{loaded.ckpt_path} is a checkpoint of model {loaded.name} ({loaded.model_class}); export knows "
         f"the families {supported}, not this one"
     )
+
+
+def export_outputs(loaded: LoadedModel, family: Family) -> ModelOutputs | DetectorOutputs:
+    """What is traced: the loaded module's torch model with the family's outputs."""
+    if family.detector:
+        return DetectorOutputs(loaded.module)
+    return ModelOutputs(loaded.module.torch_model, family.outputs)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -610,7 +526,7 @@ def export_checkpoint(
     family = family_of(loaded)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    wrapper = family.wrap(loaded.module).eval()
+    wrapper = export_outputs(loaded, family).eval()
     inputs = make_inputs(loaded, family, batch_size, seed, images)
     names = input_names(family, loaded)
     tolerances = {k: (atol if atol is not None else a, r) for k, (a, r) in family.tolerances.items()}
@@ -655,7 +571,7 @@ def write_sidecar(
     result: ExportResult,
     loaded: LoadedModel,
     family: Family,
-    wrapper: ExportWrapper,
+    wrapper: ModelOutputs | DetectorOutputs,
     fmt: str,
     inputs: ExportInputs,
     names: list[str],
@@ -680,7 +596,7 @@ def write_sidecar(
         "normalisation": wrapper.normalisation(),
         "class_names": loaded.class_names,
         "label_offset": 1 if family.detector else 0,
-        "thresholds": wrapper.thresholds(loaded),
+        "thresholds": wrapper.thresholds(),
         "parity": {
             "inputs": inputs.source,
             "runtime": "onnxruntime (CPUExecutionProvider)" if fmt == "onnx" else "torch.jit.load",

@@ -171,7 +171,7 @@ def run_elinspect(args: argparse.Namespace, n_fit: int) -> dict:
     fit_s += time.perf_counter() - start
     peak_fit = proc_status_mib("VmHWM")
     model.reset()  # the sums are not needed for scoring
-    result = evaluate(lambda images: Padim.image_score(model(images)), dm, args.test_limit)
+    result = evaluate(lambda images: model(images).score, dm, args.test_limit)
     return {
         "fit_images": fitted,
         "fit_s": fit_s,

@@ -109,13 +109,13 @@ def test_the_fit_is_checkpointed_by_model_checkpoint(fitted_padim) -> None:
     assert fit.global_step == 3  # 24 images in batches of 8
     assert path.is_file() and path.name.endswith(".ckpt")
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    assert bool(state["padim.fitted"]) and "threshold" in state
+    assert bool(state["padim.fitted"]) and "padim.threshold" in state
 
 
 def scores_and_labels(module: PadimModule, loader) -> tuple[torch.Tensor, torch.Tensor]:
     batches = list(loader)
     with torch.no_grad():
-        scores = torch.cat([Padim.image_score(module.eval()(b["image"])) for b in batches])
+        scores = torch.cat([module.eval()(b["image"]).score for b in batches])
     return scores, torch.cat([b["label"] for b in batches])
 
 

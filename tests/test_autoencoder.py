@@ -110,14 +110,14 @@ def test_training_sets_otsu_thresholds_saved_in_the_state_dict_and_defects_score
     torch.manual_seed(0)
     module = autoencoder()
     assert isinstance(module.loss, MseFeatureLoss)  # pixel MSE: no critic, no feature term
-    assert math.isnan(float(module.threshold)) and "threshold" in module.state_dict()
+    assert math.isnan(float(module.threshold)) and "net.threshold" in module.state_dict()
     fit = trainer(tmp_path, max_epochs=4)
     fit.fit(module, toy_loader(32, 8, seed=0, shuffle=True), toy_loader(12, 12, seed=50))
     threshold, pixel = float(module.threshold), float(module.pixel_threshold)
     assert math.isfinite(threshold) and math.isfinite(pixel)
     assert float(fit.callback_metrics["val/threshold"]) == pytest.approx(threshold)
     saved = module.state_dict()
-    assert float(saved["threshold"]) == threshold and float(saved["pixel_threshold"]) == pixel
+    assert float(saved["net.threshold"]) == threshold and float(saved["net.pixel_threshold"]) == pixel
     loader = toy_loader(16, 16, seed=200)
     metrics = trainer(tmp_path).test(module, loader, verbose=False)[0]
     assert metrics["test/auroc"] > 0.7

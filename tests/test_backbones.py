@@ -262,7 +262,7 @@ def test_padim_on_efficientnet_lite_uses_its_stride_4_8_16_stages() -> None:
     images = torch.rand(4, 3, 64, 64)
     padim.update(images)
     padim.finalize()
-    maps = padim(images)
+    maps = padim(images).anomaly_map
     assert maps.shape == (4, 1, 64, 64) and torch.isfinite(maps).all()
 
 

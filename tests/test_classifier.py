@@ -18,7 +18,7 @@ from elinspect.utils.weights import WeightsUnavailableError
 @pytest.mark.parametrize("channels", [1, 3])
 def test_output_shape_for_any_input_channels(channels: int) -> None:
     net = ImageClassifier(num_classes=4, in_channels=channels)
-    assert net(torch.rand(2, channels, 64, 64)).shape == (2, 4)
+    assert net(torch.rand(2, channels, 64, 64)).logits.shape == (2, 4)
 
 
 def test_weights_from_a_local_file(tmp_path: Path) -> None:
@@ -74,11 +74,11 @@ def test_it_learns_a_separable_toy_problem(loss: torch.nn.Module) -> None:
     losses = []
     for _ in range(30):
         optimizer.zero_grad()
-        value = loss(net(images), labels)
+        value = loss(net(images).logits, labels)
         value.backward()
         optimizer.step()
         losses.append(value.item())
     net.eval()
-    accuracy = (net(images).argmax(1) == labels).float().mean()
+    accuracy = (net(images).logits.argmax(1) == labels).float().mean()
     assert losses[-1] < 0.3 * losses[0]
     assert accuracy == 1.0

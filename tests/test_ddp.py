@@ -517,7 +517,7 @@ def test_ganae_trains_under_ddp_and_its_checkpoint_tests_the_same(folder_runs) -
     ddp_fit = run_train(folder_runs["tmp"] / "ganae-ddp", *GANAE, *data, *CPU_DDP)
     assert_single_outputs(ddp_fit)
     fitted = load_state(ddp_fit / "checkpoints" / "last.ckpt")
-    assert bool(fitted["generator_trained"]) and math.isfinite(float(fitted["threshold"]))
+    assert bool(fitted["generator_trained"]) and math.isfinite(float(fitted["net.threshold"]))
     assert math.isfinite(logged_metrics(ddp_fit)["test/f1"])
 
     last = ["train=false", f"ckpt_path='{single / 'checkpoints' / 'last.ckpt'}'"]

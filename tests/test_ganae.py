@@ -230,7 +230,7 @@ def test_scores_are_eq_6_and_eq_7_with_the_sign_corrected() -> None:
         net.combine(terms, "mse_ssim_feat"), torch.tensor([2 * 0.1 / 0.5 + 3.0, 2 * 0.1 / 0.05 + 3.0])
     )
     images = torch.rand(2, 1, 48, 48)
-    scores, maps = net.eval()(images)
+    scores, maps = net.eval()(images)[:2]
     assert scores.shape == (2,) and maps.shape == (2, 1, 48, 48) and (maps >= 0).all()
     with pytest.raises(ValueError, match="score must be one of"):
         GanAe.build(image_size=SIZE, score="ssim")
@@ -309,13 +309,13 @@ def test_threshold_is_a_percentile_of_training_normals_and_a_persistent_buffer(t
     assert math.isfinite(threshold)
     images = torch.cat([b["image"] for b in toy_loader(24, 0, seed=0)])
     with torch.no_grad():
-        scores, _ = module.eval().net(images)
+        scores, _ = module.eval().net(images)[:2]
     assert threshold == pytest.approx(percentile_threshold(scores, 95), rel=1e-4)
     saved = torch.load(trained["dir"] / "epoch=6.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    assert float(saved["threshold"]) == pytest.approx(threshold)
+    assert float(saved["net.threshold"]) == pytest.approx(threshold)
     assert bool(saved["generator_trained"]) and int(saved["critic_steps"]) == 9
     before = torch.load(trained["dir"] / "epoch=5.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    assert math.isnan(float(before["threshold"]))  # set in the calibration epoch, not before
+    assert math.isnan(float(before["net.threshold"]))  # set in the calibration epoch, not before
 
 
 def test_defective_images_score_higher_on_average(trained, tmp_path: Path) -> None:
@@ -325,7 +325,7 @@ def test_defective_images_score_higher_on_average(trained, tmp_path: Path) -> No
     assert {"test/acc", "test/f1", "test/precision", "test/recall", "test/auroc"} <= metrics.keys()
     images = torch.cat([b["image"] for b in loader])
     with torch.no_grad():
-        scores, maps = module.eval().net(images)
+        scores, maps = module.eval().net(images)[:2]
     assert scores[16:].mean() > scores[:16].mean()
     assert metrics["test/auroc"] > 0.7
     # the localisation map is brightest on the scratch
@@ -395,13 +395,13 @@ def test_f1_threshold_is_chosen_on_validation(tmp_path: Path) -> None:
     assert float(fit.callback_metrics["val/threshold"]) == pytest.approx(float(module.threshold))
     val = list(toy_loader(8, 8, seed=50))
     with torch.no_grad():
-        scores, _ = module.eval().net(torch.cat([b["image"] for b in val]))
+        scores, _ = module.eval().net(torch.cat([b["image"] for b in val]))[:2]
     labels = torch.cat([b["label"] for b in val])
     assert float(module.threshold) == pytest.approx(f1_threshold_by_hand(scores, labels), rel=1e-5)
     test_loader = toy_loader(8, 8, seed=90)
     metrics = trainer(tmp_path).test(module, test_loader, verbose=False)[0]
     with torch.no_grad():
-        test_scores, _ = module.eval().net(torch.cat([b["image"] for b in test_loader]))
+        test_scores, _ = module.eval().net(torch.cat([b["image"] for b in test_loader]))[:2]
     test_labels = torch.cat([b["label"] for b in test_loader])
     assert metrics["test/f1"] == pytest.approx(
         f1_at(test_scores, test_labels, float(module.threshold)), abs=1e-6
@@ -489,8 +489,8 @@ def test_the_threshold_is_calibrated_on_unaugmented_training_normals(tmp_path: P
     fit = trainer(tmp_path, module)
     fit.fit(module, DataLoader(items, batch_size=8), toy_loader(8, 8, seed=50))
     with torch.no_grad():
-        plain_scores, _ = module.eval().net(plain)
-        augmented_scores, _ = module.net(augmented)
+        plain_scores, _ = module.eval().net(plain)[:2]
+        augmented_scores, _ = module.net(augmented)[:2]
     assert float(module.threshold) == pytest.approx(percentile_threshold(plain_scores, 95), rel=1e-4)
     assert float(module.threshold) != pytest.approx(percentile_threshold(augmented_scores, 95), rel=1e-3)
 

@@ -5,16 +5,35 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from torch import nn
 
 from elinspect.utils.errors import ConfigError
 
 CHECKPOINT_KEY = "elinspect"
 SCHEDULER_INTERVALS = ("epoch", "step")
+
+
+def rename_legacy_keys(
+    module: ElinspectModule, state_dict: MutableMapping[str, Any], prefix: str, *args: Any
+) -> None:
+    """A ``load_state_dict`` pre-hook for checkpoints written before a part moved: their keys
+    take the new names (``module.legacy_keys``: old name or prefix → new), and the buffers they
+    predate (``module.added_keys``) keep the module's initial values, so old checkpoints still
+    load and resume."""
+    for old, new in module.legacy_keys.items():
+        for key in [k for k in state_dict if k == prefix + old or k.startswith(prefix + old + ".")]:
+            renamed = prefix + new + key[len(prefix + old) :]
+            if renamed not in state_dict:
+                state_dict[renamed] = state_dict.pop(key)
+    if module.added_keys and not any(prefix + key in state_dict for key in module.added_keys):
+        current = module.state_dict()
+        for key in module.added_keys:
+            state_dict[prefix + key] = current[key]
 
 
 def twice_when_set(value: torch.Tensor) -> float | None:
@@ -24,12 +43,17 @@ def twice_when_set(value: torch.Tensor) -> float | None:
 
 
 class ElinspectModule(L.LightningModule):
-    """Base class. Subclasses set ``task`` (what kind of datamodule they need) and, where it
-    is not a classification loss on logits, ``loss_kind`` (what kind of ``loss`` they train
-    with: ``"reconstruction"`` for GAN-AE and the autoencoder)."""
+    """Base class. Subclasses set ``task`` (what kind of datamodule they need), ``model_attr``
+    (the attribute holding the method's torch model, which owns inference: see
+    :mod:`elinspect.models.results`) and, where it is not a classification loss on logits,
+    ``loss_kind`` (what kind of ``loss`` they train with: ``"reconstruction"`` for GAN-AE and
+    the autoencoder). ``legacy_keys`` renames the state-dict keys of older checkpoints."""
 
     task: ClassVar[str]
+    model_attr: ClassVar[str]
     loss_kind: ClassVar[str] = "classification"
+    legacy_keys: ClassVar[dict[str, str]] = {}
+    added_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -53,6 +77,14 @@ class ElinspectModule(L.LightningModule):
         self.monitor_mode = monitor_mode
         # the resolved model/data/loss config of the run; set by the train entry point
         self.run_config: dict[str, Any] | None = None
+        if self.legacy_keys or self.added_keys:
+            self.register_load_state_dict_pre_hook(rename_legacy_keys)
+
+    @property
+    def torch_model(self) -> nn.Module:
+        """The method's torch model: one call on images gives its named result (prediction,
+        export and the steps all call it)."""
+        return getattr(self, self.model_attr)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -29,7 +29,7 @@ image label). The reading implemented here:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from torchvision.transforms.functional import gaussian_blur
 
 from elinspect.models.anomaly.ganae import fit_images
+from elinspect.models.results import AnomalyResult
 from elinspect.utils.errors import ConfigError
 
 ImageScore = Literal["max", "mean"]
@@ -91,7 +92,12 @@ def residual_heatmap(x: Tensor, x_hat: Tensor, blur_sigma: float = 0.0) -> Tenso
 
 
 class AutoencoderDetector(nn.Module):
-    """The autoencoder with its heatmap and image score (see the module docstring)."""
+    """The autoencoder with its heatmap and image score (see the module docstring):
+    ``detector(images)`` → :class:`~elinspect.models.results.AnomalyResult`. The ``threshold``
+    (image score) and ``pixel_threshold`` (heatmap) buffers hold the decision thresholds once
+    chosen (NaN before)."""
+
+    threshold_names: tuple[str, ...] = ("threshold", "pixel_threshold")
 
     def __init__(
         self, autoencoder: ConvAutoencoder, score: ImageScore = "max", blur_sigma: float = 2.0
@@ -102,6 +108,17 @@ class AutoencoderDetector(nn.Module):
         self.autoencoder = autoencoder
         self.score_kind = score
         self.blur_sigma = float(blur_sigma)
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
+
+    def normalisation(self) -> dict[str, Any]:
+        """What the network is fed, for an exported model's sidecar: prepared inside the model."""
+        ae = self.autoencoder
+        return {
+            "inside_model": True,
+            "network_input": f"{ae.channels} channel(s) at {ae.image_size} px (grey = channel mean; "
+            "bilinear resize, antialiased when shrinking), in [0, 1]",
+        }
 
     def prepare(self, images: Tensor) -> Tensor:
         """Data images → the network's channels and size, [0, 1]."""
@@ -114,14 +131,14 @@ class AutoencoderDetector(nn.Module):
         flat = maps.flatten(1)
         return flat.amax(dim=1) if self.score_kind == "max" else flat.mean(dim=1)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor) -> AnomalyResult:
         """Image scores (N) and heatmaps (N×1×H×W at the input's H×W)."""
         x = self.prepare(images)
         maps = self.heatmap(x, self.autoencoder(x))
         scores = self.image_score(maps)
         if maps.shape[-2:] != images.shape[-2:]:
             maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return scores, maps
+        return AnomalyResult(scores, maps)
 
 
 def segment(maps: Tensor, pixel_threshold: Tensor | float) -> Tensor:

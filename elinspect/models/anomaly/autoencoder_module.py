@@ -36,6 +36,7 @@ from elinspect.models.anomaly.autoencoder import AutoencoderDetector, ConvAutoen
 from elinspect.models.anomaly.base import AnomalyModule
 from elinspect.models.anomaly.thresholds import best_f1_threshold, otsu_threshold
 from elinspect.models.base import twice_when_set
+from elinspect.models.results import AnomalyResult
 from elinspect.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,12 @@ class AutoencoderModule(AnomalyModule):
     """
 
     loss_kind: ClassVar[str] = "reconstruction"
+    model_attr: ClassVar[str] = "net"
+    # before the thresholds moved into the torch model
+    legacy_keys: ClassVar[dict[str, str]] = {
+        "threshold": "net.threshold",
+        "pixel_threshold": "net.pixel_threshold",
+    }
 
     def __init__(
         self,
@@ -106,15 +113,19 @@ class AutoencoderModule(AnomalyModule):
         self.loss = loss if loss is not None else MseFeatureLoss()
         self.threshold_mode = threshold
         self.init_scoring()
-        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
         self.val_pixels = CatMetric()
         self._val_pixel_count = 0
+
+    @property
+    def pixel_threshold(self) -> Tensor:
+        """The heatmap threshold of :func:`segment` (NaN: not chosen yet), the torch model's buffer."""
+        return self.net.pixel_threshold
 
     def heatmap_top(self) -> float | None:
         """Twice the pixel threshold (the map's unit: residual above it is defect)."""
         return twice_when_set(self.pixel_threshold)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor) -> AnomalyResult:
         """Image scores (N) and heatmaps (N×1×H×W) of images in [0, 1]."""
         return self.net(images)
 
@@ -172,5 +183,9 @@ class AutoencoderModule(AnomalyModule):
         self._val_pixel_count = 0
 
     def predict_batch(self, images: Tensor) -> dict[str, Tensor]:
-        scores, maps = self.net(images)
-        return {"anomaly_maps": maps, "scores": scores, "masks": segment(maps, self.pixel_threshold)}
+        result = self.net(images)
+        return {
+            "anomaly_maps": result.anomaly_map,
+            "scores": result.score,
+            "masks": segment(result.anomaly_map, self.pixel_threshold),
+        }

@@ -1,8 +1,8 @@
 """The base of every thresholded anomaly model (PaDiM, the autoencoder, GAN-AE) and the fit-once helpers.
 
 :class:`AnomalyModule` owns what they do alike: the validation, test and predict steps, the
-decision threshold (a persistent ``threshold`` buffer, saved in checkpoints) and the epoch-end
-metrics. A subclass says how it fits (its ``training_step``) and how it scores:
+decision threshold (the torch model's persistent ``threshold`` buffer, saved in checkpoints and
+exports) and the epoch-end metrics. A subclass says how it fits (its ``training_step``) and how it scores:
 
 - :meth:`AnomalyModule.score_batch` — image scores and anomaly maps (at the images' size) of a
   val/test batch; it may log what only it knows (a validation loss);
@@ -75,11 +75,15 @@ class AnomalyModule(ElinspectModule):
     module docstring). Subclasses call :meth:`init_scoring` in ``__init__``."""
 
     task: ClassVar[str] = "anomaly"
-    threshold: Tensor
+
+    @property
+    def threshold(self) -> Tensor:
+        """The decision threshold on the image score (NaN: not chosen yet): a buffer of the
+        torch model, so it travels with it into checkpoints and exports."""
+        return self.torch_model.threshold
 
     def init_scoring(self) -> None:
-        """The epoch collectors and the ``threshold`` buffer (NaN: not chosen yet)."""
-        self.register_buffer("threshold", torch.tensor(float("nan")))
+        """The epoch collectors."""
         self.scores = nn.ModuleDict({s: CatMetric(nan_strategy="error") for s in SPLITS})
         self.labels = nn.ModuleDict({s: CatMetric(nan_strategy="error") for s in SPLITS})
         self.pixel_auroc = nn.ModuleDict({s: PixelAuroc() for s in SPLITS})

@@ -23,13 +23,14 @@ datamodule serves), converting input channels (grey ↔ RGB) and size to the net
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from elinspect.losses.reconstruction import ssim_per_image
+from elinspect.models.results import Reconstruction
 from elinspect.utils.errors import ConfigError
 
 Norm = Literal["batch", "none"]
@@ -253,9 +254,13 @@ class GanAe(nn.Module):
     possible amplification of its MSE). f is evaluated on the network range [−1, 1], the
     pixel terms on [0, 1]. The localisation map is |x − x̂| (channel mean), §II.C.
 
-    ``forward(images)`` → ``(scores N, maps N×1×H×W)`` at the input's size: plain tensors, so
-    the module can be scripted or exported as one piece.
+    ``forward(images)`` → :class:`~elinspect.models.results.Reconstruction` (scores N, maps
+    N×1×H×W at the input's size, x̂ at the networks' size): a tuple of tensors, so the module can
+    be traced or exported as one piece. The ``threshold`` buffer holds the decision threshold on
+    the score once chosen (NaN before).
     """
+
+    threshold_names: tuple[str, ...] = ("threshold",)
 
     def __init__(
         self,
@@ -279,6 +284,15 @@ class GanAe(nn.Module):
         self.k1, self.k2, self.ssim_floor = float(k1), float(k2), float(ssim_floor)
         self.ssim_kernel, self.ssim_sigma = int(ssim_kernel), float(ssim_sigma)
         self.channels, self.image_size = generator.channels, generator.image_size
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+
+    def normalisation(self) -> dict[str, Any]:
+        """What the networks are fed, for an exported model's sidecar: prepared inside the model."""
+        return {
+            "inside_model": True,
+            "network_input": f"{self.channels} channel(s) at {self.image_size} px (grey = channel "
+            "mean; bilinear resize, antialiased when shrinking), scaled to [-1, 1]",
+        }
 
     @classmethod
     def build(
@@ -365,7 +379,8 @@ class GanAe(nn.Module):
             maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
         return maps
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Anomaly scores (N) and localisation maps (N×1×H×W at the input's H×W)."""
+    def forward(self, images: Tensor) -> Reconstruction:
+        """Anomaly scores (N), localisation maps (N×1×H×W at the input's H×W) and reconstructions."""
         out = self.analyse(images)
-        return self.combine(out), self.localise(out["x"], out["x_hat"], images.shape[-2:])
+        maps = self.localise(out["x"], out["x_hat"], images.shape[-2:])
+        return Reconstruction(self.combine(out), maps, out["x_hat"])

@@ -72,6 +72,7 @@ from elinspect.models.anomaly.thresholds import (
     best_f1_threshold,
     percentile_threshold,
 )
+from elinspect.models.results import Reconstruction
 from elinspect.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ class GanAeModule(AnomalyModule):
     # each stage trains one part (critic and generator, then the encoder): under DDP the other
     # parts' parameters get no gradient in a step (see utils.ddp.DDPStrategy)
     ddp_find_unused_parameters: ClassVar[bool] = True
+    model_attr: ClassVar[str] = "net"
+    legacy_keys: ClassVar[dict[str, str]] = {"threshold": "net.threshold"}  # before the threshold moved
 
     def __init__(
         self,
@@ -241,7 +244,7 @@ class GanAeModule(AnomalyModule):
         self.threshold_percentile = float(threshold_percentile)
         self.samples_every_n_epochs = int(samples_every_n_epochs)
         self.num_samples = int(num_samples)
-        # persistent state (in every checkpoint): the threshold (init_scoring), the stage-1 flags
+        # persistent state (in every checkpoint): the threshold (the net's), the stage-1 flags
         self.init_scoring()
         self.register_buffer("generator_trained", torch.tensor(False))
         self.register_buffer("critic_steps", torch.tensor(0, dtype=torch.long))
@@ -496,8 +499,12 @@ class GanAeModule(AnomalyModule):
         return best_f1_threshold(scores, labels) if self.threshold_mode == "f1" else None
 
     def predict_batch(self, images: Tensor) -> dict[str, Tensor]:
-        out, scores, maps = self._analyse(images)
-        return {"anomaly_maps": maps, "scores": scores, "reconstructions": out["x_hat"]}
+        result = self.net(images)
+        return {
+            "anomaly_maps": result.anomaly_map,
+            "scores": result.score,
+            "reconstructions": result.reconstruction,
+        }
 
     @torch.no_grad()
     def _analyse(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
@@ -505,6 +512,6 @@ class GanAeModule(AnomalyModule):
         out = self.net.analyse(images)
         return out, self.net.combine(out), self.net.localise(out["x"], out["x_hat"], images.shape[-2:])
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Anomaly scores (N) and maps (N×1×H×W) of images in [0, 1]."""
+    def forward(self, images: Tensor) -> Reconstruction:
+        """Anomaly scores (N), maps (N×1×H×W) and reconstructions of images in [0, 1]."""
         return self.net(images)

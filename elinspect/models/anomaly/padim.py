@@ -57,7 +57,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torchvision
@@ -67,6 +67,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms.functional import gaussian_blur
 
 from elinspect.models.backbones import build_body
+from elinspect.models.results import AnomalyResult
 from elinspect.utils.errors import ConfigError
 from elinspect.utils.weights import load_weights
 
@@ -155,7 +156,9 @@ def _mark_fitted_after_load(module: Padim, incompatible_keys: object) -> None:
 
 
 class Padim(nn.Module):
-    """PaDiM / SeMaCNN anomaly maps: ``update`` on normal images, ``finalize``, then call.
+    """PaDiM / SeMaCNN anomaly maps: ``update`` on normal images, ``finalize``, then call:
+    ``padim(images)`` → :class:`~elinspect.models.results.AnomalyResult` (image scores, maps).
+    The ``threshold`` buffer holds the decision threshold on the score once chosen.
 
     Args:
         backbone: a registry backbone (``resnet18`` … ``efficientnet_lite2``) with stage
@@ -232,6 +235,8 @@ class Padim(nn.Module):
         self.register_buffer("mean", torch.empty(p, k))
         self.register_buffer("inv_cholesky", torch.empty(p, k * (k + 1) // 2))  # packed L⁻¹
         self.register_buffer("fitted", torch.tensor(False))
+        # the decision threshold on the image score (NaN: not chosen yet), set after validation
+        self.register_buffer("threshold", torch.tensor(float("nan")))
         rows, cols = torch.triu_indices(k, k)
         self.register_buffer("triu_rows", rows, persistent=False)
         self.register_buffer("triu_cols", cols, persistent=False)
@@ -252,6 +257,8 @@ class Padim(nn.Module):
         """Whether the Gaussians are fitted (or loaded): the ``fitted`` buffer, mirrored in a
         Python bool so that asking costs no device synchronisation."""
         return self._fitted
+
+    threshold_names: tuple[str, ...] = ("threshold",)
 
     def train(self, mode: bool = True) -> Padim:
         """The backbone stays in eval mode: batch-norm running statistics are never updated
@@ -420,7 +427,20 @@ class Padim(nn.Module):
         size = min(size, 2 * (min(maps.shape[-2:]) - 1) + 1)  # reflect padding needs pad < side
         return gaussian_blur(maps, kernel_size=[size, size], sigma=[self.blur_sigma, self.blur_sigma])
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor) -> AnomalyResult:
+        """Image scores N (each map's maximum) and anomaly maps N×1×H×W of images in [0, 1]."""
+        maps = self.anomaly_maps(images)
+        return AnomalyResult(self.image_score(maps), maps)
+
+    def normalisation(self) -> dict[str, Any]:
+        """How an input is normalised, for an exported model's sidecar: inside the model."""
+        return {
+            "inside_model": True,
+            "mean": self.norm_mean.flatten().tolist(),
+            "std": self.norm_std.flatten().tolist(),
+        }
+
+    def anomaly_maps(self, images: Tensor) -> Tensor:
         """Anomaly maps N×1×H×W (Mahalanobis distance, upsampled and blurred) for images in [0, 1]."""
         if not self._fitted:
             raise RuntimeError(

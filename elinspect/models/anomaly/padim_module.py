@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -42,6 +42,7 @@ from elinspect.models.anomaly.base import AnomalyModule, count_step_without_opti
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.thresholds import best_f1_threshold
 from elinspect.models.base import twice_when_set
+from elinspect.models.results import AnomalyResult
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,12 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 
 class PadimFitMixin:
     """Fits ``self.padim`` on the normal images of the first training epoch (shared by PaDiM
-    and SeMaCNN). The host sets ``self.padim`` and ``self.eps``."""
+    and SeMaCNN). The host sets ``self.padim`` and ``self.eps``, and ``padim_key`` where PaDiM
+    sits deeper than ``self.padim`` in its state dict."""
 
     padim: Padim
     eps: float
+    padim_key: ClassVar[str] = "padim"
 
     def setup(self, stage: str) -> None:
         """Keep PaDiM's state out of DistributedDataParallel's buffer broadcast.
@@ -75,7 +78,7 @@ class PadimFitMixin:
         names += [name for name, _ in self.padim.named_buffers()]
         names += ["sum_x", "sum_xx", "count"]  # allocated later, by the first update()
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            self, sorted({f"padim.{name}" for name in names})
+            self, sorted({f"{self.padim_key}.{name}" for name in names})
         )
 
     def padim_update(self, batch: dict[str, Tensor]) -> int:
@@ -107,7 +110,8 @@ class PadimFitMixin:
 
 
 class PadimModule(PadimFitMixin, AnomalyModule):
-    """PaDiM as a LightningModule (see the module docstring).
+    """PaDiM as a LightningModule (see the module docstring); the torch :class:`Padim` owns
+    inference and the threshold.
 
     Args:
         padim: the torch :class:`Padim` (``model.padim`` in ``conf/model/padim.yaml``).
@@ -116,6 +120,9 @@ class PadimModule(PadimFitMixin, AnomalyModule):
         eps: ε of the covariance regulariser Σ + ε·I (PaDiM: 0.01).
         optimizer, scheduler: unused; PaDiM has nothing to train.
     """
+
+    model_attr: ClassVar[str] = "padim"
+    legacy_keys: ClassVar[dict[str, str]] = {"threshold": "padim.threshold"}  # before the threshold moved
 
     def __init__(
         self,
@@ -143,13 +150,13 @@ class PadimModule(PadimFitMixin, AnomalyModule):
     def configure_optimizers(self) -> None:
         return None
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Anomaly maps N×1×H×W."""
+    def forward(self, images: Tensor) -> AnomalyResult:
+        """Image scores N and anomaly maps N×1×H×W."""
         return self.padim(images)
 
     def anomaly_maps(self, images: Tensor) -> Tensor:
         """Anomaly maps N×1×H×W (what the heatmap visuals draw)."""
-        return self.padim(images)
+        return self.padim.anomaly_maps(images)
 
     def heatmap_top(self) -> float | None:
         """Twice the image threshold: the image score is the map's maximum, so the threshold is
@@ -183,8 +190,8 @@ class PadimModule(PadimFitMixin, AnomalyModule):
         return self.predict_batch(batch["image"])
 
     def predict_batch(self, images: Tensor) -> dict[str, Tensor]:
-        maps = self.padim(images)
-        return {"anomaly_maps": maps, "scores": Padim.image_score(maps)}
+        result = self.padim(images)
+        return {"anomaly_maps": result.anomaly_map, "scores": result.score}
 
     def choose_threshold(self, scores: Tensor, labels: Tensor) -> float:
         return best_f1_threshold(scores, labels)

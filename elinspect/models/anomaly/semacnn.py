@@ -50,12 +50,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from elinspect.data.info import DatasetInfo
 from elinspect.data.normals import unaugmented_normal_images
 from elinspect.metrics.pixel import PixelAuroc
 from elinspect.models.anomaly.base import fit_epoch_done, log_pixel_auroc
+from elinspect.models.anomaly.heatmap_classifier import SemaCnn
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimFitMixin
 from elinspect.models.base import ElinspectModule, twice_when_set
@@ -87,6 +87,16 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
     """
 
     task: ClassVar[str] = "anomaly"
+    model_attr: ClassVar[str] = "model"
+    padim_key: ClassVar[str] = "model.padim"
+    # checkpoints from before the parts moved into the torch model (SemaCnn), and PaDiM's own
+    # threshold (unused here) that they predate
+    legacy_keys: ClassVar[dict[str, str]] = {
+        "padim": "model.padim",
+        "net": "model.net",
+        "heatmap_scale": "model.heatmap_scale",
+    }
+    added_keys: ClassVar[tuple[str, ...]] = ("model.padim.threshold",)
     # the heatmap scale is a statistic of training images applied to unaugmented test maps
     extra_inputs: ClassVar[frozenset[str]] = frozenset({"unaugmented"})
 
@@ -123,17 +133,14 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
             }
         )
         self.class_names = info.class_names
-        self.padim = padim
-        self.padim.requires_grad_(False)
         self.eps = float(eps)
-        self.heatmap_with_image = heatmap_with_image
         self.scale_quantile = float(scale_quantile)
         self.scale_images = int(scale_images)
-        self.heatmap_size = heatmap_size
         if classifier_epochs is not None and classifier_epochs < 1:
             raise ConfigError(f"model.classifier_epochs must be null or >= 1, got {classifier_epochs}")
         self.classifier_epochs = classifier_epochs
-        self.net = net(num_classes=info.num_classes, in_channels=2 if heatmap_with_image else 1)
+        classifier = net(num_classes=info.num_classes, in_channels=2 if heatmap_with_image else 1)
+        self.model = SemaCnn(padim, classifier, heatmap_with_image, heatmap_size)
         self.loss = loss if loss is not None else nn.CrossEntropyLoss()
         self.binary = info.num_classes == 2
         metrics = classification_metrics(info.num_classes)
@@ -146,10 +153,32 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
                 "the training split has no defective image (data.train_normal_only=true?): "
                 "the stage-2 heatmap classifier will learn a single class"
             )
-        self.register_buffer("heatmap_scale", torch.tensor(float("nan")))
         self._scale_batch: list[Tensor] = []  # normal images of stage 1 kept for the scale
         self._classifier_untrained = False  # set for the validation of the fit epoch
         self._fit_epoch: int | None = None  # the epoch that fitted PaDiM (None after a resume)
+
+    # ------------------------------------------------------------- the torch model's parts
+    @property
+    def padim(self) -> Padim:
+        return self.model.padim
+
+    @property
+    def net(self) -> nn.Module:
+        """The heatmap classifier."""
+        return self.model.net
+
+    @property
+    def heatmap_scale(self) -> Tensor:
+        """The heatmap unit (NaN until stage 1 sets it), the torch model's buffer."""
+        return self.model.heatmap_scale
+
+    @property
+    def heatmap_with_image(self) -> bool:
+        return self.model.heatmap_with_image
+
+    @property
+    def heatmap_size(self) -> int | None:
+        return self.model.heatmap_size
 
     # ---------------------------------------------------------------------------- stages
     @property
@@ -163,22 +192,15 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
 
     def anomaly_maps(self, images: Tensor) -> Tensor:
         """Raw anomaly maps N×1×H×W (what the heatmap visuals draw)."""
-        with torch.no_grad():
-            return self.padim(images)
+        return self.model.anomaly_maps(images)
 
     def classifier_input(self, maps: Tensor, images: Tensor) -> Tensor:
-        """The classifier's input: the scaled heatmap, and the grey image when asked for, both
-        resized (area averaging) to ``heatmap_size`` when it is set."""
-        scaled = maps / self.heatmap_scale
-        if self.heatmap_with_image:
-            scaled = torch.cat([scaled, images.float().mean(dim=1, keepdim=True)], dim=1)
-        if self.heatmap_size is not None and scaled.shape[-1] != self.heatmap_size:
-            scaled = F.interpolate(scaled, size=(self.heatmap_size, self.heatmap_size), mode="area")
-        return scaled
+        """The classifier's input (:meth:`SemaCnn.classifier_input`)."""
+        return self.model.classifier_input(maps, images)
 
     def forward(self, images: Tensor) -> Tensor:
-        """Class logits N×num_classes of images in [0, 1] (PaDiM fitted)."""
-        return self.net(self.classifier_input(self.anomaly_maps(images), images))
+        """Class logits N×num_classes of images in [0, 1] (PaDiM fitted; what Grad-CAM explains)."""
+        return self.model(images).logits
 
     def heatmap_top(self) -> float | None:
         """Twice the heatmap unit (the 0.99 quantile of normal training maps)."""
@@ -203,7 +225,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
             return
         self.finish_padim_fit()
         with torch.no_grad():
-            pixels = [self.padim(images).flatten().double() for images in self._scale_batch]
+            pixels = [self.padim.anomaly_maps(images).flatten().double() for images in self._scale_batch]
         self._scale_batch = []
         # per rank: the quantile and 1, or 0 and 0 for a rank without normal images; then the mean
         total = torch.zeros(2, dtype=torch.float64, device=self.heatmap_scale.device)
@@ -230,12 +252,11 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
     # ---------------------------------------------------------- stage 2 and evaluation
     def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor, Tensor]:
         """Loss, anomaly maps and class probabilities; metrics updated and logged."""
-        images, labels = batch["image"], batch["label"]
-        maps = self.anomaly_maps(images)
-        loss, probs = score_and_log(self, self.net(self.classifier_input(maps, images)), labels, split)
+        result = self.model(batch["image"])
+        loss, probs = score_and_log(self, result.logits, batch["label"], split)
         if split != "train" and "mask" in batch:
-            self.pixel_auroc[split].update(maps, batch["mask"])
-        return loss, maps, probs
+            self.pixel_auroc[split].update(result.anomaly_map, batch["mask"])
+        return loss, result.anomaly_map, probs
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.stage == 1:
@@ -306,6 +327,5 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
         self._log_pixel_auroc("test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        maps = self.anomaly_maps(batch["image"])
-        probs = self.net(self.classifier_input(maps, batch["image"])).softmax(dim=1)
-        return {"anomaly_maps": maps, **class_outputs(probs)}
+        result = self.model(batch["image"])
+        return {"anomaly_maps": result.anomaly_map, **class_outputs(result.probabilities)}

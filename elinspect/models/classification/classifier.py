@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from elinspect.models.backbones import build_classifier
+from elinspect.models.results import Classification
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,6 +42,17 @@ class ImageClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``images``: N×C×H×W in [0, 1] → class logits N×num_classes."""
-        return self.net((images - self.mean) / self.std)
+    threshold_names: tuple[str, ...] = ()  # the arg-max class decides
+
+    def forward(self, images: torch.Tensor) -> Classification:
+        """``images``: N×C×H×W in [0, 1] → class logits and probabilities, N×num_classes."""
+        logits = self.net((images - self.mean) / self.std)
+        return Classification(logits, logits.softmax(dim=1))
+
+    def normalisation(self) -> dict[str, Any]:
+        """How an input is normalised, for an exported model's sidecar: inside the model."""
+        return {
+            "inside_model": True,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+        }

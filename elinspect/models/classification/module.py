@@ -86,6 +86,7 @@ class ClassifierModule(ElinspectModule):
     """
 
     task: ClassVar[str] = "classification"
+    model_attr: ClassVar[str] = "net"
 
     def __init__(
         self,
@@ -112,7 +113,8 @@ class ClassifierModule(ElinspectModule):
         self.binary = info.num_classes == 2
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
+        """Class logits N×K of images in [0, 1] (what Grad-CAM explains)."""
+        return self.net(images).logits
 
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
         return score_and_log(self, self(batch["image"]), batch["label"], split)
@@ -127,4 +129,4 @@ class ClassifierModule(ElinspectModule):
         return class_outputs(self._step(batch, "test")[1])  # kept by the test-predictions callback
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return class_outputs(self(batch["image"]).softmax(dim=1))
+        return class_outputs(self.net(batch["image"]).probabilities)
