@@ -60,6 +60,7 @@ import json
 import logging
 import math
 import time
+import typing
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ from elinspect.inference import (
     list_inputs,
     load_model,
 )
+from elinspect.models.results import AnomalyResult
 from elinspect.utils.checkpoint import read_checkpoint
 from elinspect.utils.errors import user_errors
 from elinspect.utils.library_warnings import silence_library_warnings
@@ -241,15 +243,43 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+# A model of none of the families above exports by the result its torch model returns (a new
+# anomaly method needs no entry here): its fields are the outputs, at PaDiM's tolerances (a
+# distance of tens, or a value in [0, 1]).
+RESULT_FAMILIES: Mapping[type, Family] = {
+    AnomalyResult: Family(
+        "anomaly",
+        "elinspect.models.anomaly.base.AnomalyModule",
+        AnomalyResult._fields,
+        {"score": (1e-3, 1e-4), "anomaly_map": (1e-3, 1e-4)},
+        onnx_exporter="dynamo",
+    ),
+}
+
+
+def result_type(model: nn.Module) -> type | None:
+    """The result type a torch model's ``forward`` is annotated to return, if it says."""
+    try:
+        return typing.get_type_hints(type(model).forward).get("return")
+    except (NameError, TypeError):
+        return None
+
+
 def family_of(loaded: LoadedModel) -> Family:
-    """The export family of a loaded model (its module class or a subclass of it)."""
+    """The export family of a loaded model: its module class or a subclass of it, else the
+    result its torch model returns."""
     for family in FAMILIES:
         if isinstance(loaded.module, hydra.utils.get_class(family.module_class)):
             return family
-    supported = ", ".join(f.name for f in FAMILIES)
+    torch_model = getattr(loaded.module, "torch_model", None)
+    family = RESULT_FAMILIES.get(result_type(torch_model)) if torch_model is not None else None
+    if family is not None:
+        return family
+    supported = ", ".join(f.name for f in (*FAMILIES, *RESULT_FAMILIES.values()))
     raise CheckpointError(
         f"{loaded.ckpt_path} is a checkpoint of model {loaded.name} ({loaded.model_class}); export knows "
-        f"the families {supported}, not this one"
+        f"the families {supported} (a torch model returning one of {[t.__name__ for t in RESULT_FAMILIES]}), "
+        "not this one"
     )
 
 

@@ -21,6 +21,7 @@ from elinspect.export import (
     family_of,
 )
 from elinspect.inference import CheckpointError, load_model
+from elinspect.models.results import AnomalyResult
 from elinspect.train import train
 from tests.conftest import compose_config
 from tests.test_predict import trained_checkpoint
@@ -129,6 +130,33 @@ def test_a_model_without_an_export_family_is_named() -> None:
         CheckpointError, match="checkpoint of model rddn .*export knows the families classifier"
     ):
         family_of(loaded)
+
+
+def test_a_new_anomaly_method_exports_by_the_result_its_torch_model_returns() -> None:
+    """A module class no family lists (a newcomer's method) exports when its torch model's
+    ``forward`` says it returns an AnomalyResult; its fields are the outputs."""
+
+    class Distances(nn.Module):
+        def forward(self, images: torch.Tensor) -> AnomalyResult:
+            maps = images.mean(dim=1, keepdim=True)
+            return AnomalyResult(maps.flatten(1).amax(dim=1), maps)
+
+    class Unannotated(nn.Module):
+        def forward(self, images: torch.Tensor):  # noqa: ANN202 - the point: it does not say
+            return images
+
+    def loaded(torch_model: nn.Module) -> object:
+        module = type("NewModule", (nn.Module,), {"torch_model": torch_model})()
+        return type(
+            "Loaded",
+            (),
+            {"module": module, "ckpt_path": Path("x.ckpt"), "name": "knn", "model_class": "my.KnnModule"},
+        )()
+
+    family = family_of(loaded(Distances()))
+    assert family.outputs == ("score", "anomaly_map") and not family.detector
+    with pytest.raises(CheckpointError, match="checkpoint of model knn"):
+        family_of(loaded(Unannotated()))
 
 
 def test_a_parity_failure_is_reported_and_raised(classifier_ckpt: Path, tmp_path: Path, monkeypatch) -> None:

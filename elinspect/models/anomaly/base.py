@@ -2,15 +2,18 @@
 
 :class:`AnomalyModule` owns what they do alike: the validation, test and predict steps, the
 decision threshold (the torch model's persistent ``threshold`` buffer, saved in checkpoints and
-exports) and the epoch-end metrics. A subclass says how it fits (its ``training_step``) and how it scores:
+exports) and the epoch-end metrics. A subclass says how it fits (its ``training_step``) and, where it differs from the
+defaults, how it scores:
 
+- :meth:`AnomalyModule.predict_batch` — by default the torch model's own call (its named result,
+  :mod:`elinspect.models.results`) as ``{"scores", "anomaly_maps"[, "reconstructions"]}``; a
+  subclass adds extra outputs (segmentation masks); ``pred`` (score ≥ threshold) is added here;
 - :meth:`AnomalyModule.score_batch` — image scores and anomaly maps (at the images' size) of a
-  val/test batch; it may log what only it knows (a validation loss);
-- :meth:`AnomalyModule.predict_batch` — the same for prediction, with any extra outputs
-  (reconstructions, segmentation masks); ``pred`` (score ≥ threshold) is added here;
+  val/test batch: by default :meth:`predict_batch`'s; a subclass may log what only it knows (a
+  validation loss);
 - :meth:`AnomalyModule.choose_threshold` — the threshold after a validation epoch from the
-  epoch's scores and labels (F1-optimal, Otsu…), or None to keep the current one (GAN-AE sets
-  its percentile threshold while fitting);
+  epoch's scores and labels: by default the F1-optimal one; Otsu's, or None to keep the current
+  one (GAN-AE sets its percentile threshold while fitting);
 - :meth:`AnomalyModule.ready` — False while there is nothing to score with (PaDiM before its fit).
 
 Image scores and labels of a split are collected over the epoch (``CatMetric``, gathered over
@@ -38,8 +41,9 @@ from torchmetrics.functional.classification import binary_auroc
 
 from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
 from elinspect.models.anomaly.scoring import check_finite_scores
-from elinspect.models.anomaly.thresholds import threshold_metrics, to_unit_interval
+from elinspect.models.anomaly.thresholds import best_f1_threshold, threshold_metrics, to_unit_interval
 from elinspect.models.base import ElinspectModule
+from elinspect.models.results import AnomalyResult, Reconstruction
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,16 @@ def log_pixel_auroc(module: L.LightningModule, metric: PixelAuroc, split: str) -
         module.log(f"{split}/pixel_auroc", value)
 
 
+# the predict step's name of each field of a torch model's result
+PREDICT_KEYS = {"score": "scores", "anomaly_map": "anomaly_maps", "reconstruction": "reconstructions"}
+
+
+def predict_outputs(result: AnomalyResult | Reconstruction) -> dict[str, Tensor]:
+    """A torch model's named result under the predict step's names (``scores``, ``anomaly_maps``,
+    ``reconstructions``)."""
+    return {PREDICT_KEYS[name]: value for name, value in result._asdict().items()}
+
+
 class AnomalyModule(ElinspectModule):
     """A LightningModule that scores images for anomalies and thresholds the scores (see the
     module docstring). Subclasses call :meth:`init_scoring` in ``__init__``."""
@@ -95,15 +109,17 @@ class AnomalyModule(ElinspectModule):
 
     def score_batch(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
         """``{"scores": N, "anomaly_maps": N×1×H×W}`` of a val/test batch, maps at the images' size."""
-        raise NotImplementedError
+        return self.predict_batch(batch["image"])
 
     def predict_batch(self, images: Tensor) -> dict[str, Tensor]:
-        """``scores`` and ``anomaly_maps`` of images in [0, 1], and any extra outputs."""
-        raise NotImplementedError
+        """``scores`` and ``anomaly_maps`` of images in [0, 1], and any extra outputs: the
+        torch model's result."""
+        return predict_outputs(self.torch_model(images))
 
     def choose_threshold(self, scores: Tensor, labels: Tensor) -> float | None:
-        """The threshold after a validation epoch (not the sanity check); None keeps the current one."""
-        return None
+        """The threshold after a validation epoch (not the sanity check): the F1-optimal one on
+        the epoch's scores; None keeps the current one."""
+        return best_f1_threshold(scores, labels)
 
     # --------------------------------------------------------------------------- steps
     def update_scoring(self, split: str, scores: Tensor, batch: dict[str, Tensor], maps: Tensor) -> None:

@@ -498,14 +498,6 @@ class GanAeModule(AnomalyModule):
         calibration epoch instead."""
         return best_f1_threshold(scores, labels) if self.threshold_mode == "f1" else None
 
-    def predict_batch(self, images: Tensor) -> dict[str, Tensor]:
-        result = self.net(images)
-        return {
-            "anomaly_maps": result.anomaly_map,
-            "scores": result.score,
-            "reconstructions": result.reconstruction,
-        }
-
     @torch.no_grad()
     def _analyse(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """The network's analysis of images in [0, 1], their scores and their maps at the images' size."""

@@ -40,7 +40,6 @@ from elinspect.data.info import DatasetInfo
 from elinspect.data.normals import normal_images
 from elinspect.models.anomaly.base import AnomalyModule, count_step_without_optimizer, fit_epoch_done
 from elinspect.models.anomaly.padim import Padim
-from elinspect.models.anomaly.thresholds import best_f1_threshold
 from elinspect.models.base import twice_when_set
 from elinspect.models.results import AnomalyResult
 
@@ -185,13 +184,3 @@ class PadimModule(PadimFitMixin, AnomalyModule):
     # ------------------------------------------------------------------------- evaluate
     def ready(self) -> bool:
         return self.padim.is_fitted  # the sanity check before the fit has nothing to score with
-
-    def score_batch(self, batch: dict[str, Tensor], split: str) -> dict[str, Tensor]:
-        return self.predict_batch(batch["image"])
-
-    def predict_batch(self, images: Tensor) -> dict[str, Tensor]:
-        result = self.padim(images)
-        return {"anomaly_maps": result.anomaly_map, "scores": result.score}
-
-    def choose_threshold(self, scores: Tensor, labels: Tensor) -> float:
-        return best_f1_threshold(scores, labels)
