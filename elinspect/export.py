@@ -60,7 +60,6 @@ import json
 import logging
 import math
 import time
-import typing
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,7 +84,7 @@ from elinspect.inference import (
     list_inputs,
     load_model,
 )
-from elinspect.models.results import AnomalyResult
+from elinspect.models.results import AnomalyResult, result_type
 from elinspect.utils.checkpoint import read_checkpoint
 from elinspect.utils.errors import user_errors
 from elinspect.utils.library_warnings import silence_library_warnings
@@ -255,14 +254,6 @@ RESULT_FAMILIES: Mapping[type, Family] = {
         onnx_exporter="dynamo",
     ),
 }
-
-
-def result_type(model: nn.Module) -> type | None:
-    """The result type a torch model's ``forward`` is annotated to return, if it says."""
-    try:
-        return typing.get_type_hints(type(model).forward).get("return")
-    except (NameError, TypeError):
-        return None
 
 
 def family_of(loaded: LoadedModel) -> Family:

@@ -14,9 +14,10 @@ The detectors return torchvision's list of ``{"boxes", "labels", "scores"}`` per
 
 from __future__ import annotations
 
+import typing
 from typing import NamedTuple
 
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class Classification(NamedTuple):
@@ -48,3 +49,12 @@ class HeatmapClassification(NamedTuple):
     anomaly_map: Tensor
     logits: Tensor
     probabilities: Tensor
+
+
+def result_type(model: nn.Module) -> type | None:
+    """The result type a torch model's ``forward`` is annotated to return, if it says (what
+    export reads to find the outputs of a model no export family lists)."""
+    try:
+        return typing.get_type_hints(type(model).forward).get("return")
+    except (NameError, TypeError):
+        return None

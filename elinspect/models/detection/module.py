@@ -60,6 +60,7 @@ class DetectionModule(ElinspectModule):
     """
 
     task: ClassVar[str] = "detection"
+    model_attr: ClassVar[str] = "model"  # the torchvision detector: detections per image in eval mode
 
     def __init__(
         self,
