@@ -83,6 +83,7 @@ from elinspect.inference import (
     PreparedImage,
     list_inputs,
     load_model,
+    scalar_or_none,
 )
 from elinspect.models.results import AnomalyResult, result_type
 from elinspect.utils.checkpoint import read_checkpoint
@@ -104,14 +105,6 @@ class ParityError(RuntimeError):
 
 
 # ------------------------------------------------------------------------ export outputs
-def scalar_or_none(value: Any) -> float | None:
-    """A scalar buffer as a float when it is set (finite), else ``None``."""
-    if not torch.is_tensor(value) or value.numel() != 1:
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
 class ModelOutputs(nn.Module):
     """The torch model's own call (:mod:`elinspect.models.results`), its named result handed
     over as the tuple of the family's ``outputs`` (tracing and ONNX see plain tensors); the

@@ -181,6 +181,14 @@ def preprocessing_from_config(data_cfg: Mapping[str, Any]) -> Preprocessing:
 
 
 # ---------------------------------------------------------------------------- models
+def scalar_or_none(value: Any) -> float | None:
+    """A scalar tensor as a float when it is set (finite), else ``None``."""
+    if not torch.is_tensor(value) or value.numel() != 1:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
 @dataclass
 class LoadedModel:
     """A module rebuilt from a checkpoint, in eval mode, with what is needed to feed it."""
@@ -206,11 +214,7 @@ class LoadedModel:
 
     def buffer(self, name: str) -> float | None:
         """A scalar buffer of the module (``threshold``, ``pixel_threshold``, …) when set (finite)."""
-        value = getattr(self.module, name, None)
-        if not torch.is_tensor(value) or value.numel() != 1:
-            return None
-        value = float(value)
-        return value if math.isfinite(value) else None
+        return scalar_or_none(getattr(self.module, name, None))
 
     @property
     def threshold(self) -> float | None:
