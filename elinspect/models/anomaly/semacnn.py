@@ -253,7 +253,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
     def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor, Tensor]:
         """Loss, anomaly maps and class probabilities; metrics updated and logged."""
         result = self.model(batch["image"])
-        loss, probs = score_and_log(self, result.logits, batch["label"], split)
+        loss, probs = score_and_log(self, result, batch["label"], split)
         if split != "train" and "mask" in batch:
             self.pixel_auroc[split].update(result.anomaly_map, batch["mask"])
         return loss, result.anomaly_map, probs

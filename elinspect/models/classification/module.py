@@ -23,6 +23,7 @@ from torchmetrics.classification import (
 
 from elinspect.data.info import DatasetInfo
 from elinspect.models.base import ElinspectModule
+from elinspect.models.results import Classification, HeatmapClassification
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
@@ -50,12 +51,13 @@ def classification_metrics(num_classes: int) -> MetricCollection:
 
 
 def score_and_log(
-    module: ElinspectModule, logits: torch.Tensor, labels: torch.Tensor, split: str
+    module: ElinspectModule, result: Classification | HeatmapClassification, labels: torch.Tensor, split: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss and class probabilities of a classification step; updates ``module``'s
-    ``{split}_metrics`` and logs them and the loss (shared by the classifier and SeMaCNN)."""
-    loss = module.loss(logits, labels)
-    probs = logits.softmax(dim=1)
+    """The loss and class probabilities of a classification step from the torch model's result;
+    updates ``module``'s ``{split}_metrics`` and logs them and the loss (shared by the classifier
+    and SeMaCNN)."""
+    loss = module.loss(result.logits, labels)
+    probs = result.probabilities
     metrics = getattr(module, f"{split}_metrics")
     metrics.update(probs[:, 1] if probs.shape[1] == 2 else probs, labels)
     on_step = split == "train"
@@ -117,7 +119,7 @@ class ClassifierModule(ElinspectModule):
         return self.net(images).logits
 
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return score_and_log(self, self(batch["image"]), batch["label"], split)
+        return score_and_log(self, self.net(batch["image"]), batch["label"], split)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")[0]
