@@ -242,6 +242,15 @@ EXPERIMENT_PROMISES: dict[str, tuple[set[str], dict]] = {
     "rddn_table5": ({"data", "rddn.row"}, {}),
     "rddn_table6": ({"data", "rddn.row"}, {"model.context.k": 1.5, "model.context.fuse_at": "fc"}),
     "rddn_table7": ({"data", "rddn.row"}, {"model.context.enabled": True}),
+    "rddn_references": (
+        {"rddn.row", "seed"},
+        {
+            "model.template": "none",
+            "model.context.enabled": False,
+            "model.context.k": 1.5,
+            "model.detector.backbone.weights": "imagenet",
+        },
+    ),
 }
 
 

@@ -581,7 +581,7 @@ def test_model_rddn_composes_with_the_paper_settings_and_trains(make_cfg) -> Non
 
 
 def test_rddn_experiments_sweep_the_rows_of_their_tables(make_cfg) -> None:
-    for name in ("rddn_table3", "rddn_table4", "rddn_table5", "rddn_table6", "rddn_table7"):
+    for name in ("rddn_table3", "rddn_table4", "rddn_table5", "rddn_table6", "rddn_table7", "rddn_references"):
         spec = OmegaConf.load(CONFIG_DIR / "experiment" / f"{name}.yaml")
         swept = spec.hydra.sweeper.params["rddn.row"].split(",")
         assert swept == list(spec.rddn.rows) and spec.rddn.row in swept, name
@@ -594,6 +594,9 @@ def test_rddn_experiments_sweep_the_rows_of_their_tables(make_cfg) -> None:
     assert (model["template"], model["head"], model["context"]["enabled"]) == ("ptg", "standard", True)
     assert model["detector"]["backbone"]["deformable_stages"] == [3, 4, 5]
     assert full.trainer.max_epochs == 24 and full.data.batch_size == 8
+    for row, template, context in (("ptg", "ptg", False), ("context", "none", True), ("post", "post", False)):
+        cfg = make_cfg("train.yaml", ["experiment=rddn_references", f"rddn.row={row}"])
+        assert (cfg.model.template, cfg.model.context.enabled) == (template, context), row
 
 
 def test_unknown_options_are_refused() -> None:
