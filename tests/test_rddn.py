@@ -581,7 +581,14 @@ def test_model_rddn_composes_with_the_paper_settings_and_trains(make_cfg) -> Non
 
 
 def test_rddn_experiments_sweep_the_rows_of_their_tables(make_cfg) -> None:
-    for name in ("rddn_table3", "rddn_table4", "rddn_table5", "rddn_table6", "rddn_table7", "rddn_references"):
+    for name in (
+        "rddn_table3",
+        "rddn_table4",
+        "rddn_table5",
+        "rddn_table6",
+        "rddn_table7",
+        "rddn_references",
+    ):
         spec = OmegaConf.load(CONFIG_DIR / "experiment" / f"{name}.yaml")
         swept = spec.hydra.sweeper.params["rddn.row"].split(",")
         assert swept == list(spec.rddn.rows) and spec.rddn.row in swept, name
