@@ -456,8 +456,7 @@ def test_semacnn_padim_fit_equals_under_ddp(folder_runs) -> None:
     data = folder_overrides(folder_runs["root"], "data.train_normal_only=false", "data.batch_size=4")
     ddp = run_train(folder_runs["tmp"] / "sema-ddp", *SEMACNN, *data, *CPU_DDP)
     expected, got = padim_buffers(single), padim_buffers(ddp)
-    gaussian = ["model.padim.mean", "model.padim.inv_cholesky"]  # SemaCnn's PaDiM
-    for key in gaussian:
+    for key in ("model.padim.mean", "model.padim.inv_cholesky"):  # SemaCnn's PaDiM
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
     assert_single_outputs(ddp)
 
