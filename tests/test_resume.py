@@ -207,6 +207,33 @@ def test_a_diverging_classifier_is_stopped_at_its_first_nan_step(make_cfg) -> No
         train(cfg)
 
 
+# -------------------------------------------------------------------- last.ckpt
+
+
+class Worsening(Tiny):
+    """Validation gets worse every epoch: the best checkpoint is the first epoch's."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/score", -float(self.current_epoch))
+
+
+def test_last_ckpt_is_the_last_epoch_when_the_best_is_an_earlier_one(tmp_path: Path) -> None:
+    """The run's checkpoint settings (a monitor, the top 1, ``save_last``). Lightning 2.6 writes
+    ``last.ckpt`` only at a step where it also saves a top-k checkpoint, which made it a copy of
+    the best one: resuming "the last checkpoint" silently went back to the best epoch."""
+    node = OmegaConf.load(CONFIG_DIR / "callbacks" / "model_checkpoint.yaml").model_checkpoint
+    node.dirpath, node.monitor, node.mode = str(tmp_path), "val/score", "max"
+    checkpoint = hydra.utils.instantiate(node)
+    L.seed_everything(0)
+    fit = trainer(checkpoint, max_epochs=3)
+    fit.fit(Worsening())
+    best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
+    last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert Path(checkpoint.best_model_path).name == "epoch_000.ckpt" and best["epoch"] == 0
+    assert (last["epoch"], last["global_step"]) == (2, fit.global_step)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+
+
 # -------------------------------------------------------------------- resume, in process
 
 

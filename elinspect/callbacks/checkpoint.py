@@ -1,10 +1,17 @@
-"""The run's checkpoint callback: Lightning's ``ModelCheckpoint``, quiet under ``fast_dev_run``.
+"""The run's checkpoint callback: Lightning's ``ModelCheckpoint`` with a ``last.ckpt`` that is
+the last epoch, quiet under ``fast_dev_run``.
 
-``fast_dev_run`` is a smoke test: Lightning announces "Logging and checkpointing is suppressed"
-and skips every periodic save. Lightning 2.6's ``ModelCheckpoint.on_train_end``, which writes
-``last.ckpt`` when ``save_last`` is on and no save happened yet, does not check for it, so a
-smoke run of a detector still writes a ~250 MB checkpoint (weights and optimiser state).
-:class:`RunCheckpoint` keeps the announced behaviour; every other run saves as Lightning does.
+* **``last.ckpt`` after every save point.** Since Lightning 2.6, ``save_last=True`` writes
+  ``last.ckpt`` only at a step where a top-k checkpoint is saved too. With the run's settings (a
+  monitored metric, ``save_top_k: 1``) it was therefore a copy of the best checkpoint, and
+  resuming an interrupted run from it (``ckpt_path=.../last.ckpt``) silently went back to the
+  best epoch. :class:`RunCheckpoint` writes it wherever Lightning checks for a save (the end of
+  validation, or of the training epoch when there is no validation) and has not saved at that
+  step already.
+* **Nothing at the end of a ``fast_dev_run`` fit.** ``fast_dev_run`` is a smoke test: Lightning
+  announces "Logging and checkpointing is suppressed" and skips every periodic save, but its
+  ``on_train_end`` writes ``last.ckpt`` when ``save_last`` is on and no save happened yet, so a
+  smoke run of a detector would still write a ~250 MB checkpoint.
 """
 
 from __future__ import annotations
@@ -14,9 +21,26 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that writes nothing at the end of a ``fast_dev_run`` fit."""
+    """``ModelCheckpoint`` whose ``last.ckpt`` is the last save point's, and silent in a
+    ``fast_dev_run``."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run:
             return
         super().on_train_end(trainer, pl_module)
+
+    def _save_last_if_missed(self, trainer: L.Trainer) -> None:
+        # skipped when this step was saved already (the top-k save writes last.ckpt with it),
+        # in a sanity check, outside fit and under fast_dev_run (Lightning's own conditions)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
