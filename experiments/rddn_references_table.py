@@ -3,6 +3,10 @@ directories under logs/experiments/ (each job's metrics.csv, train.log and the l
 ``/usr/bin/time -v`` wrote beside it):
 
     python experiments/rddn_references_table.py
+
+A job's run directory stays on the machine that ran it (``logs/`` is not in the repository);
+the table lists the jobs whose directories are present, and compares with the baseline only
+where the baseline's are.
 """
 
 import csv
@@ -150,8 +154,10 @@ for row in ROWS:
     v = [r["map50"] for r in g]
     w = [r["map"] for r in g]
     per = " | ".join(f"{statistics.mean(r['per'][k] for r in g):.3f}" for k in CLASSES)
-    paired = " / ".join(f"{r['map50'] - bseed[r['seed']]:+.4f}".replace("-", "−") for r in g)
-    if row == "baseline":
+    paired = " / ".join(
+        f"{r['map50'] - bseed[r['seed']]:+.4f}".replace("-", "−") if r["seed"] in bseed else "—" for r in g
+    )
+    if row == "baseline" or not base:  # no baseline run directory here: nothing to compare with
         delta, verdict, paired = "—", "—", "—"
     else:
         delta = f"{statistics.mean(v) - statistics.mean(base):+.4f}".replace("-", "−")
