@@ -18,9 +18,10 @@ as the loader resizes them, without augmentation — the model's losses, ``zero_
 ``backward`` and the module's own SGD step — and one inference call on the same 8 images in eval
 mode (the validation and test work). Not timed: the loader, Lightning's loop, logging.
 
-Protocol: one warm-up round discarded, then ``--repeats`` rounds of one call per variant, the
-order reversed every other round; per round the ratio variant / §5; the table gives the median
-of those ratios with their range, from wall-clock and from this process's CPU time.
+Protocol: ``bench_detection.py``'s (its ``interleaved`` and ``pair_ratios``): one warm-up round
+discarded, then ``--repeats`` rounds of one call per variant, the order reversed every other
+round; per round the ratio variant / §5; the table gives the median of those ratios with their
+range, from wall-clock and from this process's CPU time.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 
 import hydra
 import torch
-from bench_detection import Clock
+from bench_detection import Bench, Clock, interleaved, pair_ratios
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -61,54 +61,40 @@ def compose_config(overrides: list[str]) -> DictConfig:
         return compose(config_name="train.yaml", overrides=["experiment=neu_det", *overrides])
 
 
-class Variant:
-    """One configuration: its module, optimiser, batch and timings."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        dm = hydra.utils.instantiate(cfg.data, _convert_="all")
-        torch.manual_seed(0)
-        self.module = build_model(cfg.model, effective_loss_config(cfg), dm.info)
-        # the module's own SGD over its trainable parameters (the schedule needs a Trainer)
-        self.optimizer = self.module.optimizer_factory(
-            params=[p for p in self.module.parameters() if p.requires_grad]
-        )
-        hp = dm.hparams
-        dataset = DetectionDataset(dm.records["train"][:BATCH], image_size=hp.image_size, resize=hp.resize)
-        self.images, targets = detection_collate([dataset[i] for i in range(BATCH)])
-        self.targets = model_targets(targets)
-        self.times: dict[str, dict[str, list[float]]] = {
-            p: {"wall": [], "cpu": []} for p in ("train", "infer")
-        }
-
-    def train_step(self) -> Clock:
-        self.module.train()
-        with Clock() as clock:
-            loss = sum(self.module.model(list(self.images), self.targets).values())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-        return clock
-
-    def infer(self) -> Clock:
-        self.module.eval()
-        with Clock() as clock, torch.no_grad():
-            self.module.model(list(self.images))
-        return clock
-
-    def call(self, phase: str) -> Clock:
-        return self.train_step() if phase == "train" else self.infer()
+Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
 
-def interleave(group: list[Variant], phase: str, repeats: int) -> None:
-    """One warm-up round, then ``repeats`` kept rounds of one ``phase`` call per variant, the
-    order reversed every other round."""
-    for r in range(1 + repeats):
-        for v in group if r % 2 == 0 else group[::-1]:
-            clock = v.call(phase)
-            if r:
-                v.times[phase]["wall"].append(clock.wall)
-                v.times[phase]["cpu"].append(clock.cpu)
-        print(f"{phase} round {r + 1}/{1 + repeats}", file=sys.stderr, flush=True)
+def build_variant(name: str, cfg: DictConfig) -> tuple[Bench, Batch]:
+    """The variant's module and SGD as a :class:`bench_detection.Bench`, and its training batch."""
+    dm = hydra.utils.instantiate(cfg.data, _convert_="all")
+    torch.manual_seed(0)
+    module = build_model(cfg.model, effective_loss_config(cfg), dm.info)
+    # the module's own SGD over its trainable parameters (its schedule would need a Trainer)
+    optimizer = module.optimizer_factory(params=[p for p in module.parameters() if p.requires_grad])
+    params_m = sum(p.numel() for p in module.parameters()) / 1e6
+    backbone = cfg.model.detector.backbone
+    bench = Bench(name, backbone.name, backbone.weights, module, optimizer, params_m)
+    hp = dm.hparams
+    dataset = DetectionDataset(dm.records["train"][:BATCH], image_size=hp.image_size, resize=hp.resize)
+    images, targets = detection_collate([dataset[i] for i in range(BATCH)])
+    return bench, (images, model_targets(targets))
+
+
+def train_step(bench: Bench, batch: Batch) -> Clock:
+    bench.module.train()
+    with Clock() as clock:
+        loss = sum(bench.module.model(*batch).values())
+        bench.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        bench.optimizer.step()
+    return clock
+
+
+def inference(bench: Bench, batch: Batch) -> Clock:
+    bench.module.eval()
+    with Clock() as clock, torch.no_grad():
+        bench.module.model(batch[0])
+    return clock
 
 
 def main() -> None:
@@ -116,10 +102,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=6, help="kept rounds (median of per-round ratios)")
     args = parser.parse_args()
     load = os.getloadavg()[0]
-    variants = {name: Variant(compose_config(o)) for name, o in VARIANTS.items()}
-    group = list(variants.values())
-    for phase in ("train", "infer"):
-        interleave(group, phase, args.repeats)
+    built = [build_variant(name, compose_config(o)) for name, o in VARIANTS.items()]
+    group, batches = [b for b, _ in built], {b.name: batch for b, batch in built}
+    interleaved(group, "train", lambda b: train_step(b, batches[b.name]), 1, args.repeats)
+    interleaved(group, "infer", lambda b: inference(b, batches[b.name]), 1, args.repeats)
 
     base = group[0]
     print(
@@ -133,20 +119,19 @@ def main() -> None:
         "| inference s (median) | inference images/s | ratio to §5, wall (range); CPU |"
     )
     print("|---|---:|---:|---|---:|---:|---|")
-    for name, v in variants.items():
+    for bench in group:
         cells = []
         for phase in ("train", "infer"):
-            wall = v.times[phase]["wall"]
-            ratios = [a / b for a, b in zip(wall, base.times[phase]["wall"], strict=True)]
-            cpu = [a / b for a, b in zip(v.times[phase]["cpu"], base.times[phase]["cpu"], strict=True)]
-            median = statistics.median(wall)
+            median = statistics.median(getattr(bench, phase)["s"])
+            ratios = pair_ratios(bench, base, phase, "s")
+            cpu = pair_ratios(bench, base, phase, "cpu")
             cells += [
                 f"{median:.2f}",
                 f"{BATCH / median:.1f}",
                 f"**{statistics.median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f}); "
                 f"{statistics.median(cpu):.2f}",
             ]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        print(f"| {bench.name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

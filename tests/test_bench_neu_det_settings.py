@@ -1,7 +1,6 @@
 """The NEU-DET speed-settings benchmark (experiments/bench_neu_det_settings.py, real_data.md
-§5.3): each variant composes to the settings its name says, and the rounds are interleaved."""
-
-from types import SimpleNamespace
+§5.3): each variant composes to the settings its name says. The interleaved rounds are
+bench_detection.py's, tested in test_bench_detection.py."""
 
 import pytest
 
@@ -40,20 +39,3 @@ def test_each_variant_composes_to_the_settings_it_names(bench) -> None:
         cfg = bench.compose_config(overrides)
         assert settings(cfg) == expected[name], name
         assert cfg.model.detector.backbone.weights == "imagenet"  # experiment=neu_det's backbone
-
-
-def test_rounds_alternate_the_order_and_discard_the_warm_up(bench) -> None:
-    calls: list[str] = []
-
-    def variant(name: str, seconds: float):
-        def call(phase: str):
-            calls.append(name)
-            return SimpleNamespace(wall=seconds, cpu=2 * seconds)
-
-        return SimpleNamespace(call=call, times={"train": {"wall": [], "cpu": []}})
-
-    group = [variant("a", 1.0), variant("b", 3.0)]
-    bench.interleave(group, "train", repeats=3)
-    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then 3 kept rounds
-    assert group[0].times["train"] == {"wall": [1.0] * 3, "cpu": [2.0] * 3}
-    assert group[1].times["train"]["wall"] == [3.0] * 3
