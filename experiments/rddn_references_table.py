@@ -50,7 +50,7 @@ def wall_rss(log):
 
 runs = []
 for d in sorted(L.glob("rddn_references_*")):
-    if not d.is_dir() or d.name.endswith(("_last", "_stopped")):
+    if not d.is_dir() or d.name.endswith("_stopped"):
         continue
     m = re.match(r"rddn_references_(?:(pilot)|(\w+?)_seed(\d+))_([0-9a-f]{7})$", d.name)
     if not m:
@@ -85,8 +85,6 @@ for d in sorted(L.glob("rddn_references_*")):
             r"ckpt_path=\S*epoch_(\d{3})\.ckpt", (L / f"{d.name}.log").read_text(errors="replace")
         )
         best = int(m_ck.group(1)) + 1 if m_ck else None
-    last_t, _ = test_metrics(L / f"{d.name}_last")
-    last = float(last_t["test/map_50"]) if last_t else (float(t["test/map_50"]) if best == 6 else None)
     runs.append(
         dict(
             row=row,
@@ -101,7 +99,6 @@ for d in sorted(L.glob("rddn_references_*")):
             rss=rss,
             ips=ips,
             best=best,
-            last=last,
         )
     )
 runs.sort(key=lambda r: (ROWS.index(r["row"]), [42, 1, 2].index(r["seed"])))
@@ -116,7 +113,6 @@ for r in runs:
     else:
         ips = "—"
     val = " / ".join(f"{v:.3f}" for v in r["val"]) or "— (test only)"
-    last = f"{r['last']:.4f}" if r["last"] is not None else "—"
     print(
         f"| {LABEL.get(r['row'], r['row'])} | {r['seed']} | `{r['commit']}` | {val} | {r['best'] or '—'} | **{r['map50']:.4f}** | {r['map']:.4f} | {r['mar']:.4f} | {r['wall']} | {ips} | {r['rss']:.1f} GB |"
     )
