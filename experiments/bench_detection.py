@@ -190,10 +190,11 @@ class Clock:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def train_step(bench: Bench, image: torch.Tensor, target: dict[str, torch.Tensor]) -> Clock:
+def train_step(bench: Bench, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> Clock:
+    """One SGD step on ``images`` and their loader ``targets`` (the model's losses summed)."""
     bench.module.train()
     with Clock() as clock:
-        losses = bench.module.model([image], model_targets([target]))
+        losses = bench.module.model(images, model_targets(targets))
         loss = sum(losses.values())
         bench.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -202,11 +203,12 @@ def train_step(bench: Bench, image: torch.Tensor, target: dict[str, torch.Tensor
     return clock
 
 
-def inference(bench: Bench, image: torch.Tensor) -> Clock:
+def inference(bench: Bench, images: list[torch.Tensor]) -> Clock:
+    """One eval-mode call on ``images``; keeps the first image's detection count and the parts' times."""
     bench.module.eval()
     bench.call_parts = {}
     with Clock() as clock, torch.no_grad():
-        detections = bench.module.model([image])
+        detections = bench.module.model(images)
     bench.detections.append(len(detections[0]["boxes"]))
     for name, seconds in bench.call_parts.items():
         bench.parts.setdefault(name, []).append(seconds)
@@ -449,8 +451,8 @@ def main(argv: list[str] | None = None) -> None:
                 build_bench(compose_config(m, backbone, weights, root), m, backbone, weights, info)
                 for m in models
             ]
-            interleaved(group, "train", lambda b: train_step(b, image, target), args.warmup, args.repeats)
-            interleaved(group, "infer", lambda b: inference(b, image), args.warmup, args.repeats)
+            interleaved(group, "train", lambda b: train_step(b, [image], [target]), args.warmup, args.repeats)
+            interleaved(group, "infer", lambda b: inference(b, [image]), args.warmup, args.repeats)
             for bench in group:  # free the group's memory before the next backbone
                 bench.module = bench.optimizer = None
             groups.append(group)

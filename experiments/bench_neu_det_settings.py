@@ -32,14 +32,13 @@ import statistics
 
 import hydra
 import torch
-from bench_detection import Bench, Clock, interleaved, pair_ratios
+from bench_detection import Bench, inference, interleaved, pair_ratios, train_step
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
 from elinspect.data.detection_dataset import DetectionDataset, detection_collate
 from elinspect.models.build import build_model, effective_loss_config
-from elinspect.models.detection.module import model_targets
 from elinspect.utils.paths import CONFIG_DIR
 
 PX200 = ["data.image_size=200", "model.detector.min_size=200", "model.detector.max_size=200"]
@@ -61,7 +60,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
         return compose(config_name="train.yaml", overrides=["experiment=neu_det", *overrides])
 
 
-Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
+Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]  # images, loader targets
 
 
 def build_variant(name: str, cfg: DictConfig) -> tuple[Bench, Batch]:
@@ -77,24 +76,7 @@ def build_variant(name: str, cfg: DictConfig) -> tuple[Bench, Batch]:
     hp = dm.hparams
     dataset = DetectionDataset(dm.records["train"][:BATCH], image_size=hp.image_size, resize=hp.resize)
     images, targets = detection_collate([dataset[i] for i in range(BATCH)])
-    return bench, (images, model_targets(targets))
-
-
-def train_step(bench: Bench, batch: Batch) -> Clock:
-    bench.module.train()
-    with Clock() as clock:
-        loss = sum(bench.module.model(*batch).values())
-        bench.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        bench.optimizer.step()
-    return clock
-
-
-def inference(bench: Bench, batch: Batch) -> Clock:
-    bench.module.eval()
-    with Clock() as clock, torch.no_grad():
-        bench.module.model(batch[0])
-    return clock
+    return bench, (list(images), targets)
 
 
 def main() -> None:
@@ -104,8 +86,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     built = [build_variant(name, compose_config(o)) for name, o in VARIANTS.items()]
     group, batches = [b for b, _ in built], {b.name: batch for b, batch in built}
-    interleaved(group, "train", lambda b: train_step(b, batches[b.name]), 1, args.repeats)
-    interleaved(group, "infer", lambda b: inference(b, batches[b.name]), 1, args.repeats)
+    interleaved(group, "train", lambda b: train_step(b, *batches[b.name]), 1, args.repeats)
+    interleaved(group, "infer", lambda b: inference(b, batches[b.name][0]), 1, args.repeats)
 
     base = group[0]
     print(
