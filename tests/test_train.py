@@ -24,6 +24,7 @@ from elinspect.utils.compat import (
     model_loss_kind,
     model_task,
 )
+from elinspect.utils.errors import ConfigError
 from elinspect.utils.outputs import OutputExistsError
 from tests.conftest import FAST_DATA_OVERRIDES, backbone_overrides, fast_model_overrides, group_options
 from tests.wandb_records import history_values
@@ -294,3 +295,34 @@ def test_the_run_builder_asks_the_data_for_what_the_model_calibrates_on(
     assert datamodule.requested_inputs == asked
     batch = next(iter(datamodule.train_dataloader()))
     assert ("image_unaugmented" in batch) == bool(asked)
+
+
+def test_ema_callback_checkpoints_and_tests_the_averaged_weights(make_cfg) -> None:
+    cfg = make_cfg("train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "callbacks=[default,ema]"])
+    metrics, objects = train(cfg)
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    averaged, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert averaged.keys() == raw.keys()
+    moved = [k for k, v in averaged.items() if v.is_floating_point() and not torch.equal(v, raw[k])]
+    assert moved, "the checkpoint holds the raw weights, not their moving average"
+
+    ecfg = make_cfg("eval.yaml", [f"ckpt_path={best}", "logger=csv", "trainer.limit_test_batches=2"])
+    eval_metrics, _ = evaluate(ecfg)
+    for name in ("test/acc", "test/f1", "test/auroc", "test/loss"):
+        assert eval_metrics[name] == pytest.approx(metrics[name], abs=1e-6)
+
+
+def test_ema_callback_is_refused_for_a_model_with_fitted_statistics(make_cfg) -> None:
+    cfg = make_cfg(
+        "train.yaml",
+        [
+            *SHORT_RUN[1:],
+            *FAST_DATA_OVERRIDES["elpv"],
+            *fast_model_overrides("autoencoder"),
+            "model=autoencoder",
+            "callbacks=[default,ema]",
+        ],
+    )
+    with pytest.raises(ConfigError, match="callbacks.ema .*AutoencoderModule"):
+        train(cfg)
