@@ -297,8 +297,27 @@ def test_the_run_builder_asks_the_data_for_what_the_model_calibrates_on(
     assert ("image_unaugmented" in batch) == bool(asked)
 
 
-def test_ema_callback_checkpoints_and_tests_the_averaged_weights(make_cfg) -> None:
-    cfg = make_cfg("train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "callbacks=[default,ema]"])
+@pytest.mark.parametrize(
+    ("model", "data", "test_metrics"),
+    [
+        ("classifier", "elpv", ("test/acc", "test/f1", "test/auroc", "test/loss")),
+        ("faster_rcnn", "voc", ("test/map_50", "test/map")),
+    ],
+)
+def test_ema_callback_checkpoints_and_tests_the_averaged_weights(
+    make_cfg, fast_data_overrides, model, data, test_metrics
+) -> None:
+    cfg = make_cfg(
+        "train.yaml",
+        [
+            *SHORT_RUN[1:],
+            f"model={model}",
+            f"data={data}",
+            *fast_data_overrides(data),
+            *fast_model_overrides(model),
+            "callbacks=[default,ema]",
+        ],
+    )
     metrics, objects = train(cfg)
     best = objects["trainer"].checkpoint_callback.best_model_path
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
@@ -307,9 +326,10 @@ def test_ema_callback_checkpoints_and_tests_the_averaged_weights(make_cfg) -> No
     moved = [k for k, v in averaged.items() if v.is_floating_point() and not torch.equal(v, raw[k])]
     assert moved, "the checkpoint holds the raw weights, not their moving average"
 
+    # the run tested the averaged weights: eval of the same file (no callback) agrees
     ecfg = make_cfg("eval.yaml", [f"ckpt_path={best}", "logger=csv", "trainer.limit_test_batches=2"])
     eval_metrics, _ = evaluate(ecfg)
-    for name in ("test/acc", "test/f1", "test/auroc", "test/loss"):
+    for name in test_metrics:
         assert eval_metrics[name] == pytest.approx(metrics[name], abs=1e-6)
 
 
