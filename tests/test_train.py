@@ -301,7 +301,7 @@ def test_the_run_builder_asks_the_data_for_what_the_model_calibrates_on(
     ("model", "data", "test_metrics"),
     [
         ("classifier", "elpv", ("test/acc", "test/f1", "test/auroc", "test/loss")),
-        ("faster_rcnn", "voc", ("test/map_50", "test/map")),
+        pytest.param("faster_rcnn", "voc", ("test/map_50", "test/map"), marks=pytest.mark.slow),
     ],
 )
 def test_ema_callback_checkpoints_and_tests_the_averaged_weights(
