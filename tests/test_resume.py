@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from elinspect.callbacks.finite_loss import SKIPPED_METRIC, FiniteLossGuard, NonFiniteLossError
 from elinspect.callbacks.rng_state import RandomStateCheckpoint
+from elinspect.callbacks.weight_averaging import EmaWeightAveraging
 from elinspect.data.elpv import ElpvDataModule
 from elinspect.data.resumable import ResumableDataLoader
 from elinspect.train import train
@@ -246,12 +247,22 @@ class Crash(L.Callback):
             raise RuntimeError("simulated crash")
 
 
+class TinyClassifier(Tiny):
+    task = "classification"  # what callbacks.ema accepts
+
+
 def fit_tiny(
-    directory: Path, resumable: bool, every_n_steps: int | None, crash: int | None = None, ckpt=None
+    directory: Path,
+    resumable: bool,
+    every_n_steps: int | None,
+    crash: int | None = None,
+    ckpt=None,
+    ema: bool = False,
 ):
-    """Two epochs of 6 steps from seed 1, as a fresh process would run them; the final weights."""
+    """Two epochs of 6 steps from seed 1, as a fresh process would run them; the final weights
+    (``ema``: with an EMA of the weights, whose average the model holds at the end)."""
     L.seed_everything(1, workers=True)
-    model = Tiny(resumable=resumable)
+    model = TinyClassifier(resumable=resumable) if ema else Tiny(resumable=resumable)
     callbacks: list[L.Callback] = [
         ModelCheckpoint(
             dirpath=directory,
@@ -261,6 +272,8 @@ def fit_tiny(
         ),
         RandomStateCheckpoint(),
     ]
+    if ema:
+        callbacks.append(EmaWeightAveraging(decay=0.8))
     if crash is not None:
         callbacks.append(Crash(crash))
     run = trainer(*callbacks, max_epochs=2, num_sanity_val_steps=1)
@@ -285,6 +298,16 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(
     resumed, resumed_steps = fit_tiny(tmp_path / "crashed", True, every_n_steps, ckpt="last")
     assert steps == resumed_steps == 12
     assert torch.equal(reference, resumed), where
+
+
+def test_a_resumed_ema_run_ends_with_the_uninterrupted_runs_average(tmp_path: Path) -> None:
+    """Resuming restores both the raw weights and their average (the checkpoint's state_dict
+    is the average; the raw weights come back from current_model_state)."""
+    reference, _ = fit_tiny(tmp_path / "reference", True, 2, ema=True)
+    fit_tiny(tmp_path / "crashed", True, 2, crash=9, ema=True)
+    resumed, steps = fit_tiny(tmp_path / "crashed", True, 2, ckpt="last", ema=True)
+    assert steps == 12
+    assert torch.equal(reference, resumed)
 
 
 @pytest.mark.slow
