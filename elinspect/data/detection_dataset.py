@@ -43,7 +43,7 @@ from elinspect.data.box_transforms import Resize, random_shift, resize_to, resiz
 from elinspect.data.errors import DatasetError
 from elinspect.data.images import read_image, to_tensor_layout
 from elinspect.data.records import DetectionRecord
-from elinspect.data.transforms import sample_seed
+from elinspect.data.transforms import sample_seed, seed_pipeline
 from elinspect.utils.errors import ConfigError
 
 Target = dict[str, torch.Tensor]
@@ -91,7 +91,7 @@ class DetectionDataset(Dataset):
             template = resize_to(template, image.shape[1], image.shape[0])
         labels, difficult = record.labels, record.difficult
         if self.augment is not None:
-            self.augment.set_random_seed(sample_seed())
+            seed_pipeline(self.augment, sample_seed())
             extra = {} if template is None else {"template": template}
             out = self.augment(image=image, bboxes=boxes, labels=labels, difficult=difficult, **extra)
             image = out["image"]

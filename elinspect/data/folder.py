@@ -93,7 +93,7 @@ from elinspect.data.images import read_image, to_tensor_layout
 from elinspect.data.info import DatasetInfo
 from elinspect.data.readers.boxes import image_size as header_size
 from elinspect.data.splits import stratified_holdout
-from elinspect.data.transforms import image_augmentation, resize, sample_seed
+from elinspect.data.transforms import image_augmentation, resize, sample_seed, seed_pipeline
 from elinspect.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -382,14 +382,14 @@ class FolderDataset(Dataset):
             image = resize(image, size)
             plain = image
             if self.augment is not None:
-                self.augment.set_random_seed(sample_seed())
+                seed_pipeline(self.augment, sample_seed())
                 image = self.augment(image=image)["image"]
         else:
             mask = np.zeros((size, size), np.uint8) if mask is None else resize_mask(mask, size)
             image = resize(image, size)
             plain = image
             if self.augment is not None:
-                self.augment.set_random_seed(sample_seed())
+                seed_pipeline(self.augment, sample_seed())
                 out = self.augment(image=image, mask=mask)
                 image, mask = out["image"], out["mask"]
             item["mask"] = torch.from_numpy(np.ascontiguousarray(mask))[None]

@@ -8,6 +8,8 @@ augmentations, and successive epochs still see different ones.
 
 from __future__ import annotations
 
+import random
+
 import albumentations as A
 import cv2
 import numpy as np
@@ -41,6 +43,16 @@ def sample_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
+def seed_pipeline(pipeline: A.Compose, seed: int) -> None:
+    """Seed ``pipeline``'s random draws for one sample: one generator, shared by its steps.
+
+    Not ``Compose.set_random_seed``: albumentations 2 hands that seed to every step, which then
+    draw the same numbers, so a horizontal and a vertical flip of p = 0.5 happen together or not
+    at all (and a rotation of p = 0.5 only with them).
+    """
+    pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
 def apply_seeded(pipeline: A.Compose, image: np.ndarray, seed: int) -> np.ndarray:
-    pipeline.set_random_seed(seed)
+    seed_pipeline(pipeline, seed)
     return pipeline(image=image)["image"]
