@@ -26,8 +26,8 @@ S is the datamodule's ``image_size``. A detector is traced at one input size: SÃ
 size of the first of ``images`` â€” give ``images`` for a detector trained with ``resize:
 longer`` (Aluminum, Fabric, VOC, COCO), whose inputs keep their aspect ratio.
 
-Normalisation is inside every exported model (ImageNet statistics; torchvision's detection
-transform), so the input is what the datamodule serves: see the sidecar's ``preprocessing``.
+Normalisation is inside every exported model (the backbone weights' own statistics;
+torchvision's detection transform), so the input is what the datamodule serves: see the sidecar's ``preprocessing``.
 
 **Exporters.** TorchScript: :func:`torch.jit.trace` of the wrapper at the export input (a
 detector is traced at its fixed input size). ONNX: the TorchScript-based exporter

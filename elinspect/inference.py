@@ -11,8 +11,8 @@
 * **Preprocessing** (:class:`Preprocessing`): what the checkpoint's datamodule does to a
   *test* image — decoding grey or colour, the optional cell cut-out, the resize, the channel
   layout — read off its stored data config (:func:`preprocessing_from_config`). Normalisation
-  is part of every model (ImageNet statistics inside the classifier, PaDiM and torchvision's
-  detection transform), so inputs are in [0, 1] as the datamodules serve them.
+  is part of every model (the backbone weights' own statistics inside the classifier, PaDiM
+  and torchvision's detection transform), so inputs are in [0, 1] as the datamodules serve them.
 * **Running** (:func:`run_batch`): a batch in the datamodule's own format goes to the module's
   ``predict_step`` — ``{"image": N×C×H×W}`` for image-level models, ``(images, targets)`` for
   detectors (with ``targets[i]["template"]`` for a model whose ``extra_inputs`` holds

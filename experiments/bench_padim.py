@@ -42,8 +42,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "RESULT "
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
 # ------------------------------------------------------------------------------- measuring
@@ -189,7 +187,8 @@ def run_anomalib(args: argparse.Namespace, n_fit: int) -> dict:
     training mode its forward returns the (randomly channel-selected) embeddings, which 1.x's
     Lightning module collects and 2.x's model appends to its own memory bank; then one
     ``MultiVariateGaussian.fit`` over all of them. Its torch model does not normalise (the
-    Lightning pre-processor does), so ImageNet normalisation is applied here. Not exercised
+    Lightning pre-processor does), so elinspect's Padim's is applied here: the backbone
+    weights' own (ImageNet's for ResNets, [-1, 1] for EfficientNet-Lite). Not exercised
     where anomalib is not installed.
     """
     try:
@@ -209,8 +208,14 @@ def run_anomalib(args: argparse.Namespace, n_fit: int) -> dict:
     if lite_weights:
         load_lite_by_hand(model.feature_extractor.feature_extractor, args)
 
+    from elinspect.models.anomaly.padim import IMAGENET_MEAN, IMAGENET_STD
+    from elinspect.models.backbones import BACKBONES, input_normalisation
+
+    own = input_normalisation(args.backbone) if args.backbone in BACKBONES else (IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in own)
+
     def normalise(images: torch.Tensor) -> torch.Tensor:
-        return (images - IMAGENET_MEAN) / IMAGENET_STD
+        return (images - mean) / std
 
     rss_before = proc_status_mib("VmRSS")
     model.train()

@@ -47,8 +47,9 @@ Choices (the papers leave them open; each one is a parameter):
   (``blur_at="input"``); ``blur_at="grid"`` blurs the feature grid first (σ in grid cells,
   cheaper, smoother). The image score is the map's maximum.
 
-Inputs are N×C×H×W in [0, 1] with C = 1 (repeated to RGB) or 3; ImageNet normalisation
-is part of the module, so an exported model takes what the datamodule gives.
+Inputs are N×C×H×W in [0, 1] with C = 1 (repeated to RGB) or 3; normalisation (the
+backbone weights' own: ImageNet's for ResNets, [-1, 1] for EfficientNet-Lite) is part of the
+module, so an exported model takes what the datamodule gives.
 """
 
 from __future__ import annotations
@@ -66,14 +67,14 @@ from torch.nn import functional as F
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms.functional import gaussian_blur
 
-from elinspect.models.backbones import build_body
+from elinspect.models.backbones import build_body, input_normalisation
 from elinspect.models.results import AnomalyResult
 from elinspect.utils.errors import ConfigError
 from elinspect.utils.weights import load_weights
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's classification weights (a non-registry backbone)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Embedding = Literal["semi_orthogonal", "random_select", "none"]
@@ -201,6 +202,7 @@ class Padim(nn.Module):
         if all(isinstance(layer, int) for layer in layers):  # registry stages
             self.extractor, _ = build_body(backbone, weights, norm_layer="bn", stages=layers)
             self.layers = tuple(str(stage - 1) for stage in layers)  # the body's output keys
+            norm_mean, norm_std = input_normalisation(backbone)
         else:
             net = torchvision.models.get_model(backbone, weights=None)
             missing = load_weights(net, weights, builder=backbone)
@@ -208,6 +210,7 @@ class Padim(nn.Module):
                 log.info("loaded %s into %s (%d tensors left at init)", weights, backbone, len(missing))
             self.layers = tuple(layers)
             self.extractor = create_feature_extractor(net, return_nodes={name: name for name in self.layers})
+            norm_mean, norm_std = IMAGENET_MEAN, IMAGENET_STD
         self.extractor.eval().requires_grad_(False)
         with torch.no_grad():
             probe = self.extractor(torch.zeros(1, 3, 64, 64))
@@ -222,8 +225,9 @@ class Padim(nn.Module):
         self.blur_at = blur_at
         self.chunk_size = int(chunk_size)
 
-        self.register_buffer("norm_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("norm_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # the backbone weights' own input normalisation (ImageNet's for ResNets, [-1, 1] for Lites)
+        self.register_buffer("norm_mean", torch.tensor(norm_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("norm_std", torch.tensor(norm_std).view(1, 3, 1, 1), persistent=False)
         if embedding == "semi_orthogonal":
             self.register_buffer("projection", semi_orthogonal_matrix(self.feature_dims, self.k, seed))
         elif embedding == "random_select":

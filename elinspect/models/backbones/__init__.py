@@ -20,15 +20,25 @@ Three things are built from a name:
 * :func:`resolve_norm_layer` — ``auto``: a pretrained detector body's batch norms are frozen
   (torchvision's convention for detection, whose batches are too small for batch
   statistics); a body trained from scratch keeps trainable ones.
+
+:func:`input_normalisation` says how a backbone's inputs in [0, 1] are normalised: as its
+pretrained weights were trained, which every model that builds one applies by default.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import timm
 from torch import nn
+from torchvision.models import get_model_weights
 
-from elinspect.models.backbones.efficientnet_lite import WEIGHT_PACKAGES, build_lite_body, lite_classifier
+from elinspect.models.backbones.efficientnet_lite import (
+    WEIGHT_PACKAGES,
+    build_lite_body,
+    lite_classifier,
+    timm_name,
+)
 from elinspect.models.backbones.resnet import RESNET_DEPTHS, build_resnet_body, resnet_classifier
 from elinspect.utils.errors import ConfigError
 
@@ -55,6 +65,28 @@ def resolve_norm_layer(norm_layer: str, weights: str | None) -> str:
     if norm_layer == "auto":
         return "frozen_bn" if weights is not None else "bn"
     return norm_layer
+
+
+def input_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel ``(mean, std)`` that backbone ``name``'s pretrained weights take
+    inputs in [0, 1] with, as their publishers state it.
+
+    * ResNets: torchvision's ``IMAGENET1K_V1`` transforms, ImageNet's mean and std.
+    * EfficientNet-Lite: timm's pretrained config for the TensorFlow Lite checkpoints,
+      mean = std = 0.5, i.e. pixels in [-1, 1] (TF's ``(x − 127) / 128``). ImageNet's
+      statistics would feed the first layers inputs about 2.2× too large.
+
+    A network trained from scratch is normalised the same way, so one model reads the same
+    inputs whatever its weights.
+    """
+    check_backbone(name)
+    if name in RESNETS:
+        transforms = get_model_weights(name).IMAGENET1K_V1.transforms()
+        mean, std = transforms.mean, transforms.std
+    else:
+        cfg = timm.models.get_pretrained_cfg(timm_name(name))
+        mean, std = cfg.mean, cfg.std
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def build_body(
@@ -113,5 +145,6 @@ __all__ = [
     "build_body",
     "build_classifier",
     "check_backbone",
+    "input_normalisation",
     "resolve_norm_layer",
 ]

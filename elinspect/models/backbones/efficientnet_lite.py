@@ -10,8 +10,12 @@ loaded **strictly**: a file that does not cover every tensor is refused. The TF 
 "same" (asymmetrically on strided convs); timm's ``tf_`` variants do too, which is why
 they, and not timm's ``efficientnet_lite*``, hold these weights.
 
-Input normalisation is ImageNet's mean and std (the weights classify the check images of
-``shared/fixtures/imagenet-check`` correctly that way; ``tests/test_backbones.py``).
+Input normalisation is the TF Lite checkpoints' own, pixels mapped to [-1, 1] (mean = std
+= 0.5, as timm's pretrained config for ``tf_efficientnet_lite*`` and TF's ``(x − 127) / 128``
+say; :func:`~elinspect.models.backbones.input_normalisation`, ``tests/test_input_normalisation.py``).
+ImageNet's mean and std, used here before, also classify the check images of
+``shared/fixtures/imagenet-check`` (``tests/test_backbones.py``) but feed the stem inputs
+about 2.2× too large.
 
 Stages (strides 4, 8, 16, 32) are the outputs of the blocks timm lists in ``feature_info``
 (Lite0: ``blocks.1`` 24 channels, ``blocks.2`` 40, ``blocks.4`` 112, ``blocks.6`` 320).

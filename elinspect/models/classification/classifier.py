@@ -8,11 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from elinspect.models.backbones import build_classifier
+from elinspect.models.backbones import build_classifier, input_normalisation
 from elinspect.models.results import Classification
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageClassifier(nn.Module):
@@ -23,7 +20,9 @@ class ImageClassifier(nn.Module):
     ``weights``: ``null``, ``imagenet``, a torchvision weights name or a local file
     (:mod:`elinspect.models.backbones`). With ``in_channels`` other than 3 the stem takes
     that many channels; pretrained RGB filters are adapted (summed over RGB for one channel,
-    the usual grey adaptation).
+    the usual grey adaptation). ``mean`` / ``std`` default to the backbone weights' own
+    (:func:`~elinspect.models.backbones.input_normalisation`: ImageNet's for ResNets, [-1, 1]
+    for EfficientNet-Lite), averaged over RGB for each channel of another stem.
     """
 
     def __init__(
@@ -37,8 +36,12 @@ class ImageClassifier(nn.Module):
     ) -> None:
         super().__init__()
         self.net = build_classifier(arch, weights, num_classes, in_channels)
-        mean = mean or (IMAGENET_MEAN if in_channels == 3 else (0.5,) * in_channels)
-        std = std or (IMAGENET_STD if in_channels == 3 else (0.25,) * in_channels)
+        if mean is None or std is None:
+            default_mean, default_std = input_normalisation(arch)
+            if in_channels != 3:  # the adapted stem reads each channel as the RGB channels' average
+                default_mean = (sum(default_mean) / 3,) * in_channels
+                default_std = (sum(default_std) / 3,) * in_channels
+            mean, std = mean or default_mean, std or default_std
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 

@@ -10,7 +10,9 @@ normalise transform — is torchvision's; this module only wires the parts toget
 
 Images enter the model as float tensors in [0, 1] (grey EL images repeated to three
 channels) and are normalised exactly once, by torchvision's ``GeneralizedRCNNTransform``
-with ``image_mean`` / ``image_std`` (ImageNet statistics by default).
+with ``image_mean`` / ``image_std`` — by default the backbone weights' own
+(:func:`~elinspect.models.backbones.input_normalisation`: ImageNet's for ResNets, [-1, 1]
+for EfficientNet-Lite).
 
 The box head is torchvision's two-MLP head unless ``head`` / ``context`` ask for RDDN's
 variants (``rddn.txt`` §III.B.4, §IV.C): :func:`~elinspect.models.detection.heads.build_box_heads`
@@ -31,14 +33,11 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
-from elinspect.models.backbones import build_body
+from elinspect.models.backbones import build_body, input_normalisation
 from elinspect.models.detection.backbone_with_neck import BackboneWithNeck
 from elinspect.models.detection.heads import build_box_heads
 from elinspect.models.detection.necks import build_neck
 from elinspect.models.detection.roi_heads import LossRoIHeads
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FASTER_RCNN_KWARGS = frozenset(
     {
@@ -109,8 +108,8 @@ def build_faster_rcnn(
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
     fixed_size: Sequence[int] | None = None,
-    image_mean: Sequence[float] = IMAGENET_MEAN,
-    image_std: Sequence[float] = IMAGENET_STD,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
     head: str = "standard",
     cascade_iou: Sequence[float] = (0.4, 0.5, 0.6),
     cascade_stage_weights: Sequence[float] = (1.0, 0.5, 0.25),
@@ -136,7 +135,8 @@ def build_faster_rcnn(
         fixed_size: ``(height, width)`` to resize every image to, ignoring ``min_size`` /
             ``max_size`` (the EBBA paper uses ``(600, 600)``). Note that torchvision's own
             ``fixed_size`` argument is ``(width, height)``; the swap is done here.
-        image_mean, image_std: normalisation applied by torchvision's transform.
+        image_mean, image_std: normalisation applied by torchvision's transform; ``None``:
+            the backbone weights' own (:func:`~elinspect.models.backbones.input_normalisation`).
         head: ``"standard"`` (Faster R-CNN's one box head) or ``"cascade"`` (Cascade R-CNN,
             one stage per ``cascade_iou`` threshold; RDDN §III.C.3: 0.4, 0.5, 0.6).
         cascade_iou, cascade_stage_weights: positive IoU and loss weight of each cascade stage.
@@ -152,6 +152,10 @@ def build_faster_rcnn(
         raise ValueError(f"num_classes counts the background, so it must be >= 2, got {num_classes}")
 
     body, in_channels = build_body(**backbone)
+    if image_mean is None or image_std is None:
+        name = backbone.get("name") or f"resnet{backbone['depth']}"  # build_body has checked one is given
+        own_mean, own_std = input_normalisation(name)
+        image_mean, image_std = image_mean or own_mean, image_std or own_std
     neck_kwargs = dict(neck)
     neck_name = neck_kwargs.pop("name")
     neck_module = build_neck(neck_name, in_channels, **neck_kwargs)

@@ -6,9 +6,9 @@ by the image's aligned template ``T``:
     I' = (I − T) / (2 · std)
 
 ``std`` is the *same per-channel standard deviation as the standard pre-processing* — the
-paper keeps "the var value as the same in the standard pre-processing" (ImageNet's, the
-detector's ``image_std``), not a statistic of the difference image or of the dataset; the
-factor 2 maps the doubled range of ``I − T`` ([−1, 1] instead of about [−0.5, 0.5]) back to
+paper keeps "the var value as the same in the standard pre-processing" (the detector's
+``image_std``: the backbone weights' own, ImageNet's for ResNets, 0.5 for EfficientNet-Lite),
+not a statistic of the difference image or of the dataset; the factor 2 maps the doubled range of ``I − T`` ([−1, 1] instead of about [−0.5, 0.5]) back to
 what the pretrained first layers expect. The difference *replaces* the normalised image.
 
 **TR-Inter** (§IV.A.2, eq. 9) runs one shared backbone body on ``I`` and ``T`` and builds
@@ -46,7 +46,7 @@ def template_difference(image: Tensor, template: Tensor, std: Sequence[float] | 
     Args:
         image, template: ``(C, H, W)`` float tensors in [0, 1] of the same shape.
         std: the ``C`` standard deviations of the standard normalisation (the detector's
-            ``image_std``, ImageNet's by default).
+            ``image_std``, the backbone weights' own by default).
     """
     if image.shape != template.shape:
         raise ValueError(
