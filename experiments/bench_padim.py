@@ -208,10 +208,9 @@ def run_anomalib(args: argparse.Namespace, n_fit: int) -> dict:
     if lite_weights:
         load_lite_by_hand(model.feature_extractor.feature_extractor, args)
 
-    from elinspect.models.anomaly.padim import IMAGENET_MEAN, IMAGENET_STD
-    from elinspect.models.backbones import BACKBONES, input_normalisation
+    from elinspect.models.backbones import BACKBONES, IMAGENET_NORMALISATION, input_normalisation
 
-    own = input_normalisation(args.backbone) if args.backbone in BACKBONES else (IMAGENET_MEAN, IMAGENET_STD)
+    own = input_normalisation(args.backbone) if args.backbone in BACKBONES else IMAGENET_NORMALISATION
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in own)
 
     def normalise(images: torch.Tensor) -> torch.Tensor:

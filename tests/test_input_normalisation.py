@@ -116,3 +116,56 @@ def test_rddn_tr_pre_scales_the_difference_by_the_lite_weights_std() -> None:
     image, template = torch.ones(3, 64, 64), torch.zeros(3, 64, 64)
     out = model.transform.normalize(torch.cat([image, template]))
     assert flat(out.unique()) == [1.0]
+
+
+# --- checkpoints written before the fix keep the normalisation they were trained with ---------
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def test_a_padim_state_dict_carries_its_normalisation() -> None:
+    padim = Padim(backbone="efficientnet_lite0", layers=(1, 2), weights=None, feature_size=8, k=8)
+    state = padim.state_dict()
+    assert flat(state["norm_mean"]) == [0.5] * 3 and flat(state["norm_std"]) == [0.5] * 3
+
+
+def test_a_padim_fitted_before_the_fix_keeps_imagenet_normalisation_when_loaded() -> None:
+    """Its Gaussians were fitted on features of ImageNet-normalised inputs; scoring it with
+    the Lite's own normalisation would be silently wrong."""
+    old = Padim(backbone="efficientnet_lite0", layers=(1, 2), weights=None, feature_size=8, k=8)
+    state = {k: v for k, v in old.state_dict().items() if k not in ("norm_mean", "norm_std")}
+    new = Padim(backbone="efficientnet_lite0", layers=(1, 2), weights=None, feature_size=8, k=8)
+    new.load_state_dict(state)
+    assert (flat(new.norm_mean), flat(new.norm_std)) == (IMAGENET[0], IMAGENET[1])
+
+
+def tiny_detection_module():
+    from functools import partial
+
+    from elinspect.data.info import DatasetInfo
+    from elinspect.models.detection.module import DetectionModule
+
+    detector = partial(
+        build_faster_rcnn, backbone={"name": "efficientnet_lite0", "weights": None}, **DETECTOR
+    )
+    info = DatasetInfo(task="detection", class_names=("a", "b"), in_channels=3)
+    return DetectionModule(detector, info, optimizer=partial(torch.optim.SGD, lr=0.01))
+
+
+def test_a_detector_checkpoint_restores_its_normalisation() -> None:
+    module = tiny_detection_module()
+    module.model.transform.image_mean, module.model.transform.image_std = [0.1] * 3, [0.2] * 3
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    fresh = tiny_detection_module()
+    fresh.on_load_checkpoint(checkpoint)
+    assert flat(fresh.model.transform.image_mean) == [0.1] * 3
+    assert flat(fresh.model.transform.image_std) == [0.2] * 3
+
+
+def test_a_detector_trained_before_the_fix_keeps_imagenet_normalisation_when_loaded() -> None:
+    module = tiny_detection_module()
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    checkpoint["elinspect"].pop("image_normalisation", None)  # as written before the fix
+    module.on_load_checkpoint(checkpoint)
+    assert (flat(module.model.transform.image_mean), flat(module.model.transform.image_std)) == IMAGENET

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
@@ -67,15 +67,13 @@ from torch.nn import functional as F
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.transforms.functional import gaussian_blur
 
-from elinspect.models.backbones import build_body, input_normalisation
+from elinspect.models.backbones import IMAGENET_NORMALISATION, build_body, input_normalisation
 from elinspect.models.results import AnomalyResult
 from elinspect.utils.errors import ConfigError
 from elinspect.utils.weights import load_weights
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's classification weights (a non-registry backbone)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Embedding = Literal["semi_orthogonal", "random_select", "none"]
 
@@ -152,6 +150,23 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _keep_normalisation_of_older_fits(
+    module: Padim, state_dict: MutableMapping[str, Any], prefix: str, *args: Any
+) -> None:
+    """A state dict saved before the normalisation fix (commit 30037b0) holds no normalisation:
+    its Gaussians were fitted on ImageNet-normalised inputs, so it keeps ImageNet's mean and std.
+    (Saved at 30037b0 itself, a fit under the Lite's own normalisation that did not save it yet,
+    it is read the same way: re-fit those.)"""
+    if prefix + "norm_mean" not in state_dict and prefix + "mean" in state_dict:
+        mean, std = IMAGENET_NORMALISATION
+        state_dict[prefix + "norm_mean"] = torch.tensor(mean).view(1, 3, 1, 1)
+        state_dict[prefix + "norm_std"] = torch.tensor(std).view(1, 3, 1, 1)
+        log.warning(
+            "this PaDiM was saved without its input normalisation (before elinspect's normalisation "
+            "fix, commit 30037b0): it keeps ImageNet's mean and std, which it was fitted with"
+        )
+
+
 def _mark_fitted_after_load(module: Padim, incompatible_keys: object) -> None:
     module._fitted = bool(module.fitted)
 
@@ -210,7 +225,7 @@ class Padim(nn.Module):
                 log.info("loaded %s into %s (%d tensors left at init)", weights, backbone, len(missing))
             self.layers = tuple(layers)
             self.extractor = create_feature_extractor(net, return_nodes={name: name for name in self.layers})
-            norm_mean, norm_std = IMAGENET_MEAN, IMAGENET_STD
+            norm_mean, norm_std = IMAGENET_NORMALISATION  # torchvision's classification weights
         self.extractor.eval().requires_grad_(False)
         with torch.no_grad():
             probe = self.extractor(torch.zeros(1, 3, 64, 64))
@@ -225,9 +240,10 @@ class Padim(nn.Module):
         self.blur_at = blur_at
         self.chunk_size = int(chunk_size)
 
-        # the backbone weights' own input normalisation (ImageNet's for ResNets, [-1, 1] for Lites)
-        self.register_buffer("norm_mean", torch.tensor(norm_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("norm_std", torch.tensor(norm_std).view(1, 3, 1, 1), persistent=False)
+        # the backbone weights' own input normalisation (ImageNet's for ResNets, [-1, 1] for
+        # Lites), saved with the Gaussians it was fitted under
+        self.register_buffer("norm_mean", torch.tensor(norm_mean).view(1, 3, 1, 1))
+        self.register_buffer("norm_std", torch.tensor(norm_std).view(1, 3, 1, 1))
         if embedding == "semi_orthogonal":
             self.register_buffer("projection", semi_orthogonal_matrix(self.feature_dims, self.k, seed))
         elif embedding == "random_select":
@@ -248,6 +264,7 @@ class Padim(nn.Module):
         self.register_buffer("tril_rows", rows, persistent=False)
         self.register_buffer("tril_cols", cols, persistent=False)
         self._fitted = False
+        self.register_load_state_dict_pre_hook(_keep_normalisation_of_older_fits)
         self.register_load_state_dict_post_hook(_mark_fitted_after_load)
         # Streaming sums: allocated by the first update(), not saved.
         self.sum_x: Tensor | None

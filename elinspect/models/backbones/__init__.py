@@ -43,6 +43,9 @@ from elinspect.models.backbones.resnet import RESNET_DEPTHS, build_resnet_body, 
 from elinspect.utils.errors import ConfigError
 
 RESNETS = tuple(f"resnet{d}" for d in RESNET_DEPTHS)
+# ImageNet's mean and std: the ResNets' own, and what every model fed every backbone before
+# commit 30037b0 (checkpoints written before it keep it: PaDiM, the detectors)
+IMAGENET_NORMALISATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 EFFICIENTNET_LITES = tuple(sorted(WEIGHT_PACKAGES))
 BACKBONES = RESNETS + EFFICIENTNET_LITES
 
@@ -141,6 +144,7 @@ def build_classifier(name: str, weights: str | None, num_classes: int, in_channe
 __all__ = [
     "BACKBONES",
     "EFFICIENTNET_LITES",
+    "IMAGENET_NORMALISATION",
     "RESNETS",
     "build_body",
     "build_classifier",

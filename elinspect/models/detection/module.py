@@ -20,6 +20,7 @@ Logged: ``train/loss`` and each torchvision loss term (``train/loss_classifier``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,10 +30,13 @@ from torch import Tensor, nn
 
 from elinspect.data.info import DatasetInfo
 from elinspect.metrics.detection import DetectionConfusionMatrix, DetectionMetrics, save_confusion_matrix
-from elinspect.models.base import ElinspectModule
+from elinspect.models.backbones import IMAGENET_NORMALISATION
+from elinspect.models.base import CHECKPOINT_KEY, ElinspectModule
 from elinspect.models.detection.roi_heads import detection_losses
 
 Batch = tuple[Sequence[Tensor], Sequence[dict[str, Tensor]]]
+
+log = logging.getLogger(__name__)
 
 
 def model_targets(targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
@@ -95,6 +99,35 @@ class DetectionModule(ElinspectModule):
         self.test_confusion = DetectionConfusionMatrix(
             len(self.class_names), iou_threshold=0.5, score_threshold=confusion_score_threshold
         )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The run's config, and the input normalisation the detector was trained with."""
+        super().on_save_checkpoint(checkpoint)
+        transform = self.model.transform
+        checkpoint[CHECKPOINT_KEY]["image_normalisation"] = {
+            "mean": [float(v) for v in transform.image_mean],
+            "std": [float(v) for v in transform.image_std],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the normalisation the detector was trained with. A checkpoint written before
+        commit 30037b0 names none: unless its config set ``image_mean`` / ``image_std``, it was
+        trained on ImageNet-normalised inputs and keeps them. (One saved at 30037b0 itself,
+        trained under the Lite's own normalisation that was not saved yet, is read the same way.)"""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get(CHECKPOINT_KEY, {}).get("image_normalisation")
+        if saved is None:
+            detector = ((self.run_config or {}).get("model") or {}).get("detector") or {}
+            if detector.get("image_mean") is not None or detector.get("image_std") is not None:
+                return
+            mean, std = IMAGENET_NORMALISATION
+            saved = {"mean": mean, "std": std}
+            log.warning(
+                "this detector was saved without its input normalisation (before elinspect's "
+                "normalisation fix, commit 30037b0): it keeps ImageNet's mean and std, which it was trained with"
+            )
+        self.model.transform.image_mean = [float(v) for v in saved["mean"]]
+        self.model.transform.image_std = [float(v) for v in saved["std"]]
 
     def forward(
         self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
