@@ -27,7 +27,8 @@ size of the first of ``images`` — give ``images`` for a detector trained with 
 longer`` (Aluminum, Fabric, VOC, COCO), whose inputs keep their aspect ratio.
 
 Normalisation is inside every exported model (the backbone weights' own statistics;
-torchvision's detection transform), so the input is what the datamodule serves: see the sidecar's ``preprocessing``.
+torchvision's detection transform), so the input is what the datamodule serves: see the
+sidecar's ``preprocessing``.
 
 **Exporters.** TorchScript: :func:`torch.jit.trace` of the wrapper at the export input (a
 detector is traced at its fixed input size). ONNX: the TorchScript-based exporter
