@@ -169,3 +169,17 @@ def test_a_detector_trained_before_the_fix_keeps_imagenet_normalisation_when_loa
     checkpoint["elinspect"].pop("image_normalisation", None)  # as written before the fix
     module.on_load_checkpoint(checkpoint)
     assert (flat(module.model.transform.image_mean), flat(module.model.transform.image_std)) == IMAGENET
+
+
+def test_a_detector_saved_before_the_fix_with_its_own_normalisation_in_its_config_keeps_it() -> None:
+    """Its config's ``image_mean`` / ``image_std`` built the transform it was trained with, as
+    they build the one being loaded: nothing is replaced."""
+    module = tiny_detection_module()
+    module.model.transform.image_mean, module.model.transform.image_std = [0.1] * 3, [0.2] * 3
+    module.run_config = {"model": {"detector": {"image_mean": [0.1] * 3, "image_std": [0.2] * 3}}}
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    checkpoint["elinspect"].pop("image_normalisation")  # as written before the fix
+    module.on_load_checkpoint(checkpoint)
+    assert flat(module.model.transform.image_mean) == [0.1] * 3
+    assert flat(module.model.transform.image_std) == [0.2] * 3
