@@ -82,3 +82,21 @@ def test_it_learns_a_separable_toy_problem(loss: torch.nn.Module) -> None:
     accuracy = (net(images).logits.argmax(1) == labels).float().mean()
     assert losses[-1] < 0.3 * losses[0]
     assert accuracy == 1.0
+
+
+def test_four_class_accuracy_is_the_share_of_cells_classified_right() -> None:
+    """``acc`` means what a paper's accuracy means for every target: the share of right
+    predictions. ELPV's four classes are far from balanced (1508 / 295 / 106 / 715), where the
+    mean of per-class recalls (balanced accuracy) is another number; F1, precision, recall and
+    AUROC stay macro averages."""
+    from elinspect.models.classification.module import classification_metrics
+
+    target = torch.tensor([0, 0, 0, 0, 0, 0, 1, 2, 3, 3])
+    predicted = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 3, 0])  # 7 of 10 right
+    probs = torch.nn.functional.one_hot(predicted, 4).float() * 0.7 + 0.075
+    metrics = classification_metrics(4)
+    metrics.update(probs, target)
+    values = metrics.compute()
+    assert values["acc"].item() == pytest.approx(0.7)
+    # per-class recalls 1, 0, 0, 0.5: the macro recall is not the accuracy
+    assert values["recall"].item() == pytest.approx(0.375)

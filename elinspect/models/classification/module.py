@@ -27,7 +27,9 @@ from elinspect.models.results import Classification, HeatmapClassification
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:
-    """acc, f1, precision, recall, auroc: of the defective class when binary, else macro."""
+    """acc, f1, precision, recall, auroc: of the defective class when binary; for more classes
+    acc is the share of samples classified right (micro) and the others are macro averages (the
+    mean over classes, each class counting alike whatever its size)."""
     if num_classes == 2:
         return MetricCollection(
             {
@@ -41,7 +43,7 @@ def classification_metrics(num_classes: int) -> MetricCollection:
     kw = {"num_classes": num_classes, "average": "macro"}
     return MetricCollection(
         {
-            "acc": MulticlassAccuracy(**kw),
+            "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
             "f1": MulticlassF1Score(**kw),
             "precision": MulticlassPrecision(**kw),
             "recall": MulticlassRecall(**kw),
