@@ -6,7 +6,9 @@
     python -m elinspect.train train=false ckpt_path=<file.ckpt>  # test a checkpoint only
     python -m elinspect.train trainer=ddp trainer.devices=4      # distributed (conf/trainer/ddp.yaml)
 
-Returns the ``optimized_metric`` so Hydra sweepers (Optuna, ...) can optimise it; a job that
+Returns the ``optimized_metric`` so Hydra sweepers (Optuna, ...) can optimise it: the
+validation score of the checkpoint the job tests (the metric must be the one that picks it,
+``model.monitor``); a job that
 failed, or whose metric is NaN, returns None, which the Optuna sweeper records as a failed
 trial (the study goes on; a NaN would stop it: optuna refuses NaN and the sweeper's fallback
 ``tell`` then raises).
@@ -42,7 +44,7 @@ from elinspect.build import (
     save_resolved_config,
 )
 from elinspect.utils.checkpoint import check_checkpoint
-from elinspect.utils.errors import UserError, user_errors
+from elinspect.utils.errors import ConfigError, UserError, user_errors
 from elinspect.utils.library_warnings import silence_library_warnings
 from elinspect.utils.outputs import ensure_writable_dir, guard_output_dir
 from elinspect.utils.rich_utils import metrics_table
@@ -98,6 +100,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     datamodule, model = build_datamodule_and_model(cfg)
     trainer = build_trainer(cfg, model)
+    if cfg.get("train"):
+        check_optimized_metric(cfg.get("optimized_metric"), trainer)
     print_config(cfg)
     log_hyperparameters(trainer, model, cfg)
 
@@ -105,6 +109,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("training")
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = as_floats(trainer.callback_metrics)
+    metrics.update(best_checkpoint_score(trainer))
 
     if cfg.get("test"):
         best = tested_checkpoint(cfg, trainer)
@@ -143,6 +148,32 @@ def carry_csv_columns(trainer: L.Trainer) -> None:
             continue
         with path.open(newline="") as file:
             writer.metrics_keys = sorted(next(csv.reader(file), []))
+
+
+def check_optimized_metric(name: str | None, trainer: L.Trainer) -> None:
+    """Refuse a sweep metric other than the one that picks the tested checkpoint: the value
+    returned to the sweeper is the tested checkpoint's (:func:`best_checkpoint_score`), and a
+    metric the checkpoint callback does not track is known only for the last epoch."""
+    checkpoint = trainer.checkpoint_callback
+    monitor = getattr(checkpoint, "monitor", None)
+    if name and monitor and name != monitor:
+        raise ConfigError(
+            f"optimized_metric={name} but the tested checkpoint is chosen by {monitor}: a sweep "
+            f"would rank jobs by another epoch's score than the one tested. Set "
+            f"model.monitor={name} (the checkpoint and the sweep follow it), or leave "
+            "optimized_metric unset."
+        )
+
+
+def best_checkpoint_score(trainer: L.Trainer) -> dict[str, float]:
+    """``{monitor: score}`` of the fit's best checkpoint, the one the test loads (after a fit
+    ``trainer.callback_metrics`` holds the last epoch's); empty without a monitored checkpoint,
+    where the last epoch's weights are what is tested."""
+    checkpoint = trainer.checkpoint_callback
+    score = getattr(checkpoint, "best_model_score", None)
+    if score is None or not getattr(checkpoint, "monitor", None):
+        return {}
+    return {checkpoint.monitor: float(score)}
 
 
 def tested_checkpoint(cfg: DictConfig, trainer: L.Trainer) -> str:

@@ -346,3 +346,42 @@ def test_ema_callback_is_refused_for_a_model_with_fitted_statistics(make_cfg) ->
     )
     with pytest.raises(ConfigError, match="callbacks.ema .*AutoencoderModule"):
         train(cfg)
+
+
+def test_the_sweeper_gets_the_tested_checkpoints_validation_score_not_the_last_epochs(
+    make_cfg, monkeypatch
+) -> None:
+    """A sweeper ranks a job by ``optimized_metric``; the job tests its best checkpoint, so the
+    value it returns must be that checkpoint's validation score, not the last epoch's (which
+    differs whenever the best epoch is not the last)."""
+    import elinspect.train as train_module
+    from elinspect.train import sweeper_value
+
+    script = (0.2, 0.9, 0.4)  # val/f1 of epochs 0, 1, 2: the best is epoch 1
+    real_build = train_module.build_datamodule_and_model
+
+    def build_with_scripted_validation(cfg):
+        datamodule, model = real_build(cfg)
+
+        def scripted_validation(batch, batch_idx):
+            model.log("val/f1", script[model.current_epoch], batch_size=len(batch["label"]))
+
+        monkeypatch.setattr(model, "validation_step", scripted_validation)
+        return datamodule, model
+
+    monkeypatch.setattr(train_module, "build_datamodule_and_model", build_with_scripted_validation)
+    cfg = make_cfg("train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "trainer.max_epochs=3"])
+    metrics, objects = train(cfg)
+    checkpoint = objects["trainer"].checkpoint_callback
+    assert Path(checkpoint.best_model_path).name.startswith("epoch_001")  # what the test loaded
+    assert metrics["val/f1"] == pytest.approx(0.9)
+    assert sweeper_value(metrics, cfg.optimized_metric) == pytest.approx(0.9)
+
+
+def test_an_optimized_metric_other_than_the_checkpoints_monitor_is_refused(make_cfg) -> None:
+    """The best checkpoint is chosen by ``model.monitor``; a sweep optimising another metric
+    would rank jobs by a number of another epoch than the one tested."""
+    cfg = make_cfg("train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "optimized_metric=val/auroc"])
+    with pytest.raises(ConfigError, match=r"optimized_metric=val/auroc.*val/f1.*model.monitor=val/auroc"):
+        train(cfg)
+    assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt"))  # refused before training
