@@ -124,18 +124,28 @@ def test_class_names_outside_pvel_ad_are_refused(detection_data) -> None:
 
 
 def test_keep_difficult_and_drop_empty_train(detection_data) -> None:
+    """``keep_difficult=false`` keeps difficult boxes out of training only: validation and test
+    keep them flagged, so that the mAP ignores them (the VOC protocol) instead of counting a
+    detection of one as a false positive."""
     kept = pvel(detection_data.pvel_root, split="ratio")
-    difficult = sum(int(r.difficult.sum()) for s in kept.records.values() for r in s)
+    difficult = {split: sum(int(r.difficult.sum()) for r in recs) for split, recs in kept.records.items()}
     empty_train = sum(not r.num_boxes for r in kept.records["train"])
-    assert difficult > 0 and empty_train > 0  # so that the checks below mean something
+    assert difficult["train"] > 0 and empty_train > 0  # so that the checks below mean something
     dropped = pvel(detection_data.pvel_root, split="ratio", keep_difficult=False, drop_empty_train=True)
-    assert not any(r.difficult.any() for s in dropped.records.values() for r in s)
-    assert sum(r.num_boxes for s in kept.records.values() for r in s) - difficult == sum(
-        r.num_boxes for s in dropped.records.values() for r in s
+    assert not any(r.difficult.any() for r in dropped.records["train"])
+    assert sum(r.num_boxes for r in kept.records["train"]) - difficult["train"] == sum(
+        r.num_boxes for r in dropped.records["train"]
     )
     assert all(r.num_boxes for r in dropped.records["train"])
     assert len(dropped.records["train"]) == sum((~r.difficult).any() for r in kept.records["train"])
     assert any(not r.num_boxes for r in dropped.records["test"] + dropped.records["val"])  # only train
+    # another split seed puts the difficult box into the test split: it stays there, flagged
+    kept = pvel(detection_data.pvel_root, split="ratio", split_seed=0)
+    assert sum(int(r.difficult.sum()) for r in kept.records["test"]) > 0
+    dropped = pvel(detection_data.pvel_root, split="ratio", split_seed=0, keep_difficult=False)
+    for split in ("val", "test"):
+        for a, b in zip(kept.records[split], dropped.records[split], strict=True):
+            assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.difficult, b.difficult)
 
 
 # ------------------------------------------------------------------------ batch contract

@@ -164,7 +164,9 @@ class DetectionDataModule(SplitDataModule):
         tally = ErrorTally(self.on_error)
         records, class_names = self.read_splits(tally)
         if not hp.keep_difficult:
-            records = {split: [_without_difficult(r, tally) for r in recs] for split, recs in records.items()}
+            # training only: validation and test keep them flagged, and the mAP ignores them
+            # (the VOC protocol) rather than count a detection of one as a false positive
+            records["train"] = [_without_difficult(r, tally) for r in records["train"]]
         # defect-free: not annotated at all (an image whose boxes were all filtered out or
         # dropped still shows its defects, and PTG must never learn them as normal)
         self.normal_records = [r for r in records["train"] if not r.annotated]

@@ -106,7 +106,8 @@ class VocLayoutDataModule(DetectionDataModule):
         ignore = frozenset(known or ()) - set(names)
         records: dict[str, list[DetectionRecord]] = {}
         for split, ids in self.split_ids(voc, tally).items():
-            # difficult boxes are always read; the base class drops them if keep_difficult is false
+            # difficult boxes are always read; the base class drops those of the training split if
+            # keep_difficult is false
             items = (_read_voc_item(voc, i, index, ignore, tally, True) for i in ids)
             records[split] = [r for r in items if r is not None]
         return records, names
