@@ -310,6 +310,33 @@ def test_a_resumed_ema_run_ends_with_the_uninterrupted_runs_average(tmp_path: Pa
     assert torch.equal(reference, resumed)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_loader_resumed_twice_in_one_epoch_serves_each_item_once(workers: int) -> None:
+    """The position saved after a mid-epoch resume counts the batches served before it too, also
+    with worker processes (whose iterator draws the sampler's order when it is made, before the
+    first batch): a second interruption in the same epoch must not replay what was served."""
+    from torch.utils.data import TensorDataset
+
+    def loader() -> ResumableDataLoader:
+        return ResumableDataLoader(TensorDataset(torch.arange(20)), seed=3, batch_size=2, num_workers=workers)
+
+    def take(source: ResumableDataLoader, batches: int) -> list[int]:
+        iterator = iter(source)
+        return [int(x) for _ in range(batches) for x in next(iterator)[0]]
+
+    epoch = [int(x) for (batch,) in loader() for x in batch]  # one uninterrupted epoch
+    first = loader()
+    served = take(first, 2)
+    second = loader()
+    second.load_state_dict(first.state_dict())
+    served += take(second, 3)
+    assert second.state_dict()["served"] == 5
+    third = loader()
+    third.load_state_dict(second.state_dict())
+    served += [int(x) for (batch,) in third for x in batch]
+    assert served == epoch and sorted(served) == list(range(20))
+
+
 @pytest.mark.slow
 def test_a_plain_shuffling_loader_does_not_resume_mid_epoch_exactly(tmp_path: Path) -> None:
     """Why the resumable loader exists: Lightning restarts a plain loader's epoch order afresh."""

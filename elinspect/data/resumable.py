@@ -38,7 +38,8 @@ class EpochShuffleSampler(Sampler[int]):
     """A random order of ``range(num_items)`` per epoch, from a generator seeded by ``(seed, epoch)``.
 
     Lightning calls :meth:`set_epoch` at every epoch start. ``skip`` items of the next
-    iteration are left out (set on resume: they were consumed before the checkpoint).
+    iteration are left out (set on resume: they were consumed before the checkpoint);
+    ``skipped`` is how many the latest iteration left out.
     """
 
     def __init__(self, num_items: int, seed: int | None = None) -> None:
@@ -46,6 +47,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
         self.epoch = 0
         self.skip = 0
+        self.skipped = 0
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -57,8 +59,8 @@ class EpochShuffleSampler(Sampler[int]):
         return torch.randperm(self.num_items, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        skip, self.skip = self.skip, 0
-        return iter(self.order()[skip:])
+        self.skipped, self.skip = self.skip, 0
+        return iter(self.order()[self.skipped :])
 
     def __len__(self) -> int:
         return self.num_items
@@ -67,8 +69,9 @@ class EpochShuffleSampler(Sampler[int]):
 class _CountingIterator:
     """The loader's iterator, counting the batches it hands out in the sampler's epoch.
 
-    The sampler runs lazily (at the first batch), after Lightning's ``set_epoch``, so the
-    epoch and the resumed position are read then.
+    The sampler draws its order after Lightning's ``set_epoch``: at the first batch without
+    worker processes, when the iterator is made with them. Either way it has drawn it once the
+    first batch is out, so the epoch and the resumed position are read then.
     """
 
     def __init__(self, loader: ResumableDataLoader, inner: Iterator[Any]) -> None:
@@ -78,12 +81,13 @@ class _CountingIterator:
         return self
 
     def __next__(self) -> Any:
+        batch = next(self.inner)
         if not self.started:
             sampler: EpochShuffleSampler = self.loader.sampler  # type: ignore[assignment]
-            self.loader.served = sampler.skip // self.loader.batch_size  # > 0 only when resumed mid-epoch
+            # > 0 only when resumed mid-epoch
+            self.loader.served = sampler.skipped // self.loader.batch_size
             self.loader.served_epoch = sampler.epoch
             self.started = True
-        batch = next(self.inner)
         self.loader.served += 1
         return batch
 
