@@ -13,8 +13,9 @@ comparing with numbers from VOC tools (mmdetection's ``eval_map``, the VOC devki
 
 - AP is COCO's 101-point interpolated precision, not VOC2007's 11-point nor VOC2010's
   area under the curve (one of two boxes found at precision 1: COCO 0.505, VOC2010 0.5);
-- at most 100 detections per image are scored (COCO's ``maxDets``), however many the
-  model returns: ``mar_100`` is the recall of those;
+- at most 100 detections per image *and class* are scored (COCO's ``maxDets``: its
+  evaluation runs per image and category), however many the model returns: ``mar_100`` is
+  the recall of those;
 - ``difficult`` boxes are passed as ``iscrowd`` (VOC convention: neither a miss nor a
   match; faster_coco_eval honours ``iscrowd``, tested). COCO matches a detection to a crowd
   region by intersection over the *detection's* area, not IoU, so a small detection lying
@@ -78,7 +79,7 @@ def _mean_ap(**kwargs) -> MeanAveragePrecision:
         box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", class_metrics=True, **kwargs
     )
     # a detector may return more boxes per image than COCO's 100 (the EBBA setting keeps
-    # 1000); only the 100 best of each image are scored, as documented above
+    # 1000); only the 100 best of each image and class are scored, as documented above
     metric.warn_on_many_detections = False
     return metric
 
@@ -89,7 +90,8 @@ class DetectionMetrics(nn.Module):
     :meth:`compute` returns (keys without the split prefix)
 
     - ``map_50``, ``map``, ``mar_100``: over all classes;
-    - ``ap_50/<class>``, ``recall/<class>``: AP and recall (100 detections per image) at IoU 0.5;
+    - ``ap_50/<class>``, ``recall/<class>``: AP and recall at IoU 0.5 (100 detections per image
+      and class);
     - ``ap/<class>``: AP averaged over IoU 0.5:0.95.
 
     A class without any (non-difficult) ground-truth box in the evaluated data has no AP
