@@ -7,8 +7,9 @@ read raises :class:`ReportError`, naming the file.
 Each job's final metrics are the last logged value of every column of its
 ``csv/version_*/metrics.csv``; the job is named by its command-line overrides
 (``.hydra/overrides.yaml``). Jobs that differ only in ``seed`` or ``data.fold`` are
-aggregated to mean ± std (the n column says over how many). The table is printed, and
-written beside the runs as ``report.md`` and ``report.csv``.
+aggregated to mean ± std (the n column says over how many jobs; a cell over fewer, because
+some logged no value of it, says ``(n=k)``). The table is printed, and written beside the runs
+as ``report.md`` and ``report.csv``.
 
 Plots (issue 8; drawn by :mod:`elinspect.plots`) go to ``<job>/plots/`` for every job:
 ``training_curves.png`` (losses and validation metrics from the CSV log), and when the job
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import yaml
@@ -35,6 +37,9 @@ from rich.table import Table
 
 from elinspect import plots as figures
 from elinspect.utils.errors import UserError
+
+if TYPE_CHECKING:
+    from pandas.api.typing import DataFrameGroupBy
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +73,21 @@ def job_overrides(job: Path) -> dict[str, str]:
     return out
 
 
+def metrics_files(job: Path) -> list[Path]:
+    """The job's ``csv/version_*/metrics.csv`` in the order they were written (a resumed run
+    adds a version): by version number, ``version_10`` after ``version_9``."""
+
+    def version(path: Path) -> tuple[int, str]:
+        suffix = path.parent.name.removeprefix("version_")
+        return (int(suffix), "") if suffix.isdigit() else (-1, suffix)
+
+    return sorted(job.glob("csv/version_*/metrics.csv"), key=version)
+
+
 def final_metrics(job: Path) -> dict[str, float]:
     """The last logged value of every metric column of the job's CSV logs."""
     metrics: dict[str, float] = {}
-    for csv in sorted(job.glob("csv/version_*/metrics.csv")):
+    for csv in metrics_files(job):
         frame = pd.read_csv(csv)
         for column in frame.columns:
             values = frame[column].dropna()
@@ -101,11 +117,9 @@ def pick_metrics(frame: pd.DataFrame, metrics: list[str] | None) -> list[str]:
     return sorted(c for c in frame.columns if str(c).startswith(DEFAULT_METRIC_PREFIXES))
 
 
-def aggregate_numbers(
-    frame: pd.DataFrame, metrics: list[str], by: list[str] | None
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
-    """Mean, std (ddof 1) and count of ``metrics`` over the replicates (seeds, folds) of each
-    configuration of the jobs that did not fail; configurations are the index."""
+def replicate_groups(frame: pd.DataFrame, metrics: list[str], by: list[str] | None) -> DataFrameGroupBy:
+    """The jobs that did not fail, grouped by configuration: ``by``, or every override but the
+    replicate keys (seeds, folds)."""
     if by is None:
         by = [c for c in frame.columns if c not in metrics and c not in ("job", "status", *REPLICATE_KEYS)]
         by = [c for c in by if not str(c).startswith(("train/", "val/", "test/"))]
@@ -113,21 +127,40 @@ def aggregate_numbers(
     if not by:
         ok = ok.assign(configuration="all")
         by = ["configuration"]
-    grouped = ok.groupby(by, dropna=False, sort=False)[metrics]
-    return grouped.mean(), grouped.std(ddof=1), grouped.size()
+    return ok.groupby(by, dropna=False, sort=False)
+
+
+def aggregate_numbers(
+    frame: pd.DataFrame, metrics: list[str], by: list[str] | None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Mean, std (ddof 1) and count of each of ``metrics`` over the replicates (seeds, folds) of
+    each configuration of the jobs that did not fail; configurations are the index. The count is
+    per metric: a job that logged no value of it (killed before its test) is not one of them."""
+    grouped = replicate_groups(frame, metrics, by)[metrics]
+    return grouped.mean(), grouped.std(ddof=1), grouped.count()
 
 
 def aggregate(frame: pd.DataFrame, metrics: list[str], by: list[str] | None) -> pd.DataFrame:
-    """Mean ± std of ``metrics`` over replicates (seeds, folds) of each configuration."""
+    """Mean ± std of ``metrics`` over replicates (seeds, folds) of each configuration; ``n`` is
+    the number of its jobs, and a cell over fewer of them (the others logged no value) says
+    how many."""
     mean, std, count = aggregate_numbers(frame, metrics, by)
+    jobs = replicate_groups(frame, metrics, by).size()
     out = mean.copy()
     for m in metrics:
         out[m] = [
-            f"{mu:.4f}" if n == 1 or pd.isna(sd) else f"{mu:.4f} ± {sd:.4f}"
-            for mu, sd, n in zip(mean[m], std[m], count, strict=True)
+            metric_cell(mu, sd, k, n) for mu, sd, k, n in zip(mean[m], std[m], count[m], jobs, strict=True)
         ]
-    out.insert(0, "n", count)
+    out.insert(0, "n", jobs)
     return out.reset_index()
+
+
+def metric_cell(mean: float, std: float, count: int, jobs: int) -> str:
+    """``mean ± std``; the std left out for one value, ``(n=k)`` added when fewer than the jobs."""
+    if count == 0:
+        return "—"
+    text = f"{mean:.4f}" if count == 1 or pd.isna(std) else f"{mean:.4f} ± {std:.4f}"
+    return text if count == jobs else f"{text} (n={count})"
 
 
 def to_rich(frame: pd.DataFrame, title: str) -> Table:
@@ -183,7 +216,7 @@ def read_job_detections(job: Path) -> list[dict] | None:
 
 
 def read_history(job: Path) -> dict[str, pd.DataFrame]:
-    frames = [pd.read_csv(csv) for csv in sorted(job.glob("csv/version_*/metrics.csv"))]
+    frames = [pd.read_csv(csv) for csv in metrics_files(job)]
     return figures.training_history(pd.concat(frames, ignore_index=True)) if frames else {}
 
 
@@ -254,7 +287,7 @@ def comparison_plots(
             labels = list(ok["job"])
         else:
             mean, std, count = aggregate_numbers(frame, drawn, by)
-            counts = list(count)
+            counts = list(count.min(axis=1))
             keys = mean.index.to_frame(index=False)
             varying = [c for c in keys.columns if keys[c].nunique(dropna=False) > 1]
             labels = [" ".join(f"{c}={row[c]}" for c in varying) or "all" for _, row in keys.iterrows()]

@@ -32,7 +32,15 @@ from elinspect.plots import (
     training_history,
 )
 from elinspect.report import main
-from elinspect.reporting import ReportError, aggregate_numbers, collect, job_plots, report
+from elinspect.reporting import (
+    ReportError,
+    aggregate,
+    aggregate_numbers,
+    collect,
+    final_metrics,
+    job_plots,
+    report,
+)
 from tests.conftest import FAST_DETECTOR_OVERRIDES, REPO
 
 
@@ -285,6 +293,31 @@ def test_report_of_a_multirun_draws_per_job_and_comparison_plots(sweep: Path) ->
     history = training_history(pd.read_csv(sweep / "0" / "csv" / "version_0" / "metrics.csv"))
     assert list(history["loss"].columns) == ["step", "train/loss_step", "train/loss_epoch", "val/loss"]
     assert list(history["val"].columns) == ["epoch", "val/f1"]  # per-class values left out
+
+
+def test_a_job_that_logged_no_test_metric_is_not_counted_in_its_mean(sweep: Path) -> None:
+    """A job killed before its test (out of memory, a time limit, Ctrl-C: no ``FAILED`` file)
+    leaves validation rows only; the mean of the others must not claim it among its replicates."""
+    killed = classifier_metrics(0.0).iloc[:-1]  # everything but the test row
+    write_job(sweep / "3", ["model=classifier", "seed=3"], killed, {})
+    frame = collect(sweep)
+    mean, std, count = aggregate_numbers(frame, ["test/f1", "val/f1"], None)
+    row = list(mean.index).index("classifier")
+    assert count["test/f1"].iloc[row] == 2 and count["val/f1"].iloc[row] == 3
+    table = aggregate(frame, ["test/f1"], None).set_index("model")
+    assert table.loc["classifier", "n"] == 3
+    assert table.loc["classifier", "test/f1"] == "0.8000 ± 0.1414 (n=2)"
+
+
+def test_the_final_metrics_come_from_the_latest_csv_version(tmp_path: Path) -> None:
+    """A run resumed ten times has ``version_10`` after ``version_9``, not after ``version_1``."""
+    job = tmp_path / "job"
+    for version, f1 in ((1, 0.1), (2, 0.2), (10, 0.9)):
+        (job / "csv" / f"version_{version}").mkdir(parents=True)
+        pd.DataFrame([{"epoch": version, "step": version, "test/f1": f1}]).to_csv(
+            job / "csv" / f"version_{version}" / "metrics.csv", index=False
+        )
+    assert final_metrics(job)["test/f1"] == pytest.approx(0.9)
 
 
 def test_report_cli_keeps_its_table_only_mode(sweep: Path) -> None:
