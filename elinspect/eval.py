@@ -29,9 +29,10 @@ from elinspect.build import (
     build_trainer,
     save_resolved_config,
 )
+from elinspect.data.info import DatasetInfo
 from elinspect.models.base import CHECKPOINT_KEY
 from elinspect.utils.checkpoint import read_checkpoint
-from elinspect.utils.errors import user_errors
+from elinspect.utils.errors import ConfigError, user_errors
 from elinspect.utils.library_warnings import silence_library_warnings
 from elinspect.utils.outputs import ensure_writable_dir
 from elinspect.utils.rich_utils import metrics_table
@@ -64,9 +65,42 @@ def apply_stored_config(cfg: DictConfig, stored: dict[str, Any], overrides: list
             cfg[group] = node
 
 
+def check_dataset_facts(ckpt_path: str, trained: dict[str, Any] | None, evaluated: DatasetInfo) -> None:
+    """Refuse data whose classes or channels are not the checkpoint's: the model is rebuilt from
+    the evaluated data's facts, so other class names (a VOC copy whose classes are discovered in
+    another order) would report per-class numbers under the wrong names. Another image size is
+    allowed (a study of it), with a warning."""
+    if not trained:
+        return  # a checkpoint written without them: nothing to compare
+    trained_info = DatasetInfo.from_dict(trained)
+    if list(trained_info.class_names) != list(evaluated.class_names):
+        raise ConfigError(
+            f"{ckpt_path}: the checkpoint was trained on the classes {list(trained_info.class_names)}, "
+            f"but the data gives {list(evaluated.class_names)}; evaluate it on data with the same "
+            "classes in the same order (data.classes=[...])"
+        )
+    if trained_info.in_channels != evaluated.in_channels:
+        raise ConfigError(
+            f"{ckpt_path}: the checkpoint takes {trained_info.in_channels}-channel images, but the "
+            f"data gives {evaluated.in_channels} (data.channels={trained_info.in_channels})"
+        )
+    if (
+        trained_info.image_size
+        and evaluated.image_size
+        and tuple(trained_info.image_size) != tuple(evaluated.image_size)
+    ):
+        log.warning(
+            "%s was trained at image size %s and is evaluated at %s",
+            ckpt_path,
+            tuple(trained_info.image_size),
+            tuple(evaluated.image_size),
+        )
+
+
 @task_wrapper
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    meta = read_checkpoint(cfg.ckpt_path).get(CHECKPOINT_KEY) or {}
+    checkpoint = read_checkpoint(cfg.ckpt_path)
+    meta = checkpoint.get(CHECKPOINT_KEY) or {}
     if meta.get("config"):
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
         apply_stored_config(cfg, meta["config"], overrides)
@@ -75,6 +109,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ensure_writable_dir(cfg.paths.output_dir)
     save_resolved_config(cfg, cfg.paths.output_dir)
     datamodule, model = build_datamodule_and_model(cfg)
+    check_dataset_facts(
+        cfg.ckpt_path, (checkpoint.get("hyper_parameters") or {}).get("dataset"), datamodule.info
+    )
+    del checkpoint  # the weights are loaded again by the trainer
     trainer = build_trainer(cfg)
     print_config(cfg)
     trainer.test(model=model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)

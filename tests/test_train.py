@@ -4,6 +4,7 @@ config, reproducibility, output protection, offline W&B."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import hydra
@@ -155,6 +156,24 @@ def test_train_then_eval_from_the_checkpoint(make_cfg) -> None:
     assert ecfg.data.channels == 1
     for name in ("test/acc", "test/f1", "test/auroc"):
         assert eval_metrics[name] == pytest.approx(metrics[name], abs=1e-6)
+
+
+def test_eval_refuses_data_whose_classes_are_not_the_checkpoints(make_cfg, tmp_path: Path) -> None:
+    """The model is rebuilt from the evaluated data's facts; with other class names (a copy of
+    a VOC set whose classes are discovered, in another order) its per-class numbers would be
+    reported under the wrong names, so eval refuses, naming both lists."""
+    cfg = make_cfg("train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"]])
+    _, objects = train(cfg)
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    names = ckpt["hyper_parameters"]["dataset"]["class_names"]
+    ckpt["hyper_parameters"]["dataset"]["class_names"] = names[::-1]  # as if trained on the other order
+    other = tmp_path / "other_classes.ckpt"
+    torch.save(ckpt, other)
+    ecfg = make_cfg("eval.yaml", [f"ckpt_path={other}", "logger=csv", "trainer.limit_test_batches=2"])
+    expected = f"trained on the classes {names[::-1]}, but the data gives {names}"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        evaluate(ecfg)
 
 
 def test_two_runs_with_the_same_seed_give_identical_metrics(make_cfg) -> None:
