@@ -404,3 +404,21 @@ def test_an_optimized_metric_other_than_the_checkpoints_monitor_is_refused(make_
     with pytest.raises(ConfigError, match=r"optimized_metric=val/auroc.*val/f1.*model.monitor=val/auroc"):
         train(cfg)
     assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt"))  # refused before training
+
+
+def test_eval_refuses_other_channels_and_logs_another_image_size(caplog: pytest.LogCaptureFixture) -> None:
+    from elinspect.data.info import DatasetInfo
+    from elinspect.eval import check_dataset_facts
+
+    trained = DatasetInfo("classification", ("normal", "defective"), 1, (10, 5), (160, 160))
+    grey_160 = DatasetInfo("classification", ("normal", "defective"), 1, (9, 4), (160, 160))
+    check_dataset_facts("a.ckpt", trained.to_dict(), grey_160)  # same facts (counts may differ)
+    rgb = DatasetInfo("classification", ("normal", "defective"), 3, (10, 5), (160, 160))
+    with pytest.raises(
+        ConfigError, match=r"a.ckpt: the checkpoint takes 1-channel images, but the data gives 3"
+    ):
+        check_dataset_facts("a.ckpt", trained.to_dict(), rgb)
+    larger = DatasetInfo("classification", ("normal", "defective"), 1, (10, 5), (224, 224))
+    with caplog.at_level("WARNING", logger="elinspect.eval"):
+        check_dataset_facts("a.ckpt", trained.to_dict(), larger)
+    assert "trained at image size (160, 160) and is evaluated at (224, 224)" in caplog.text
