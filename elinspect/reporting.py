@@ -8,8 +8,10 @@ Each job's final metrics are the last logged value of every column of its
 ``csv/version_*/metrics.csv``; the job is named by its command-line overrides
 (``.hydra/overrides.yaml``). Jobs that differ only in ``seed`` or ``data.fold`` are
 aggregated to mean ± std (the n column says over how many jobs; a cell over fewer, because
-some logged no value of it, says ``(n=k)``). The table is printed, and written beside the runs
-as ``report.md`` and ``report.csv``.
+some logged no value of it, says ``(n=k)``). ``by`` names the overrides that make a
+configuration instead; rows that then mix jobs differing in other overrides name those in a
+``pooled over`` column. The table is printed, and written beside the runs as ``report.md``
+and ``report.csv``.
 
 Plots (issue 8; drawn by :mod:`elinspect.plots`) go to ``<job>/plots/`` for every job:
 ``training_curves.png`` (losses and validation metrics from the CSV log), and when the job
@@ -117,17 +119,41 @@ def pick_metrics(frame: pd.DataFrame, metrics: list[str] | None) -> list[str]:
     return sorted(c for c in frame.columns if str(c).startswith(DEFAULT_METRIC_PREFIXES))
 
 
+def override_keys(frame: pd.DataFrame, metrics: list[str]) -> list[str]:
+    """The columns that are jobs' overrides (not metrics, the job's name or its status)."""
+    keys = [c for c in frame.columns if c not in metrics and c not in ("job", "status")]
+    return [c for c in keys if not str(c).startswith(("train/", "val/", "test/"))]
+
+
+def configuration_keys(frame: pd.DataFrame, metrics: list[str], by: list[str] | None) -> list[str]:
+    """``by``, checked against the overrides; or every override but the replicate keys."""
+    overrides = override_keys(frame, metrics)
+    if by is None:
+        return [c for c in overrides if c not in REPLICATE_KEYS]
+    unknown = [b for b in by if b not in overrides]
+    if unknown:
+        raise ReportError(f"--by: no job overrides {unknown}; the overrides are {sorted(overrides)}")
+    return list(by)
+
+
 def replicate_groups(frame: pd.DataFrame, metrics: list[str], by: list[str] | None) -> DataFrameGroupBy:
     """The jobs that did not fail, grouped by configuration: ``by``, or every override but the
     replicate keys (seeds, folds)."""
-    if by is None:
-        by = [c for c in frame.columns if c not in metrics and c not in ("job", "status", *REPLICATE_KEYS)]
-        by = [c for c in by if not str(c).startswith(("train/", "val/", "test/"))]
+    by = configuration_keys(frame, metrics, by)
     ok = frame[frame["status"] == "ok"]
     if not by:
         ok = ok.assign(configuration="all")
         by = ["configuration"]
     return ok.groupby(by, dropna=False, sort=False)
+
+
+def pooled_overrides(frame: pd.DataFrame, metrics: list[str], by: list[str] | None) -> pd.Series:
+    """For each configuration, the overrides other than ``by`` and the replicate keys whose
+    values differ among its jobs (``--by loss`` on a loss × model sweep pools ``model``)."""
+    by_keys = configuration_keys(frame, metrics, by)
+    others = [c for c in override_keys(frame, metrics) if c not in by_keys and c not in REPLICATE_KEYS]
+    distinct = replicate_groups(frame, metrics, by)[others].nunique(dropna=False)
+    return distinct.apply(lambda counts: ", ".join(c for c in others if counts[c] > 1), axis=1)
 
 
 def aggregate_numbers(
@@ -152,6 +178,9 @@ def aggregate(frame: pd.DataFrame, metrics: list[str], by: list[str] | None) -> 
             metric_cell(mu, sd, k, n) for mu, sd, k, n in zip(mean[m], std[m], count[m], jobs, strict=True)
         ]
     out.insert(0, "n", jobs)
+    pooled = pooled_overrides(frame, metrics, by)
+    if (pooled != "").any():  # rows that mix settings say so, beside their n
+        out.insert(1, "pooled over", list(pooled))
     return out.reset_index()
 
 

@@ -309,6 +309,36 @@ def test_a_job_that_logged_no_test_metric_is_not_counted_in_its_mean(sweep: Path
     assert table.loc["classifier", "test/f1"] == "0.8000 ± 0.1414 (n=2)"
 
 
+def loss_by_model_sweep(root: Path) -> pd.DataFrame:
+    """Four jobs: loss ce / sdfl × model a / b, one seed each, test/f1 = 0.1 · (job number + 1)."""
+    for i, (loss, model) in enumerate([("ce", "a"), ("ce", "b"), ("sdfl", "a"), ("sdfl", "b")]):
+        metrics = pd.DataFrame([{"epoch": 0, "step": 1, "test/f1": 0.1 * (i + 1)}])
+        write_job(root / str(i), [f"loss={loss}", f"model={model}", "seed=1"], metrics, {})
+    return collect(root)
+
+
+def test_a_by_that_pools_other_overrides_says_which(tmp_path: Path) -> None:
+    """``--by loss`` on a loss × model sweep averages each loss over both models: the table
+    must say that its rows pool ``model``, not pass the mix off as replicates of one setting."""
+    frame = loss_by_model_sweep(tmp_path)
+    table = aggregate(frame, ["test/f1"], ["loss"]).set_index("loss")
+    assert table.loc["ce", "test/f1"] == "0.1500 ± 0.0707"
+    assert table.loc["ce", "pooled over"] == "model" and table.loc["sdfl", "pooled over"] == "model"
+    report(tmp_path, ["test/f1"], ["loss"], plots=False, console=False)
+    assert "pooled over" in (tmp_path / "report.md").read_text()
+    # grouped by every varying override, nothing is pooled and the table has no such column
+    assert "pooled over" not in aggregate(frame, ["test/f1"], ["loss", "model"]).columns
+    assert "pooled over" not in aggregate(frame, ["test/f1"], None).columns
+
+
+def test_an_unknown_by_key_is_a_short_error(tmp_path: Path) -> None:
+    loss_by_model_sweep(tmp_path)
+    with pytest.raises(
+        ReportError, match=r"--by: no job overrides \['lr'\]; the overrides are \['loss', 'model', 'seed'\]"
+    ):
+        report(tmp_path, ["test/f1"], ["loss", "lr"], plots=False, console=False)
+
+
 def test_the_final_metrics_come_from_the_latest_csv_version(tmp_path: Path) -> None:
     """A run resumed ten times has ``version_10`` after ``version_9``, not after ``version_1``."""
     job = tmp_path / "job"
