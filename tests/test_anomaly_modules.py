@@ -149,6 +149,25 @@ def test_threshold_and_gaussians_are_restored_from_the_checkpoint(fitted_padim) 
     assert got == pytest.approx(expected)
 
 
+def test_test_metrics_count_each_image_once_when_a_ddp_sampler_repeats_some(fitted_padim) -> None:
+    """Under DDP the distributed sampler pads the last batches with samples already served, and
+    the gathered scores would count those twice. Batches that carry the dataset's ``index`` are
+    counted once per index: here the misclassified images come a second and third time, as
+    padding would repeat them, and the metrics are those of the set without repeats."""
+    module, _, _ = fitted_padim
+    loader = toy_loader(12, seed=80)
+    items = [{**item, "index": i} for i, item in enumerate(loader.dataset)]
+    scores, labels = scores_and_labels(module, loader)
+    wrong = [
+        i for i, (s, y) in enumerate(zip(scores, labels, strict=True)) if (s >= module.threshold) != bool(y)
+    ]
+    assert wrong, "the toy test set needs a misclassified image to repeat"
+    padded = items + [items[i] for i in wrong] * 2
+    once = trainer(1).test(module, DataLoader(items, batch_size=8), verbose=False)[0]
+    repeated = trainer(1).test(module, DataLoader(padded, batch_size=8), verbose=False)[0]
+    assert repeated == pytest.approx(once)
+
+
 # ------------------------------------------------------------------------------- SeMaCNN
 @pytest.fixture(scope="module")
 def semacnn_stage_one(tmp_path_factory: pytest.TempPathFactory) -> tuple[SemaCnnModule, dict, Path]:

@@ -17,7 +17,8 @@ defaults, how it scores:
 - :meth:`AnomalyModule.ready` — False while there is nothing to score with (PaDiM before its fit).
 
 Image scores and labels of a split are collected over the epoch (``CatMetric``, gathered over
-DDP ranks); at the end the threshold turns them into ``{split}/{acc,f1,precision,recall}`` and
+DDP ranks; an image the distributed sampler serves twice counts once where batches carry the
+dataset's ``index``); at the end the threshold turns them into ``{split}/{acc,f1,precision,recall}`` and
 the scores into ``{split}/auroc`` (:func:`~elinspect.models.anomaly.thresholds.threshold_metrics`);
 without a threshold yet, ``val/auroc`` alone. With ground-truth masks in the batches,
 ``{split}/pixel_auroc`` as well (:class:`~elinspect.metrics.pixel.PixelAuroc`). Labels > 0 count
@@ -78,6 +79,17 @@ def log_pixel_auroc(module: L.LightningModule, metric: PixelAuroc, split: str) -
 PREDICT_KEYS = {"score": "scores", "anomaly_map": "anomaly_maps", "reconstruction": "reconstructions"}
 
 
+def first_occurrences(values: Tensor) -> Tensor:
+    """Positions of the first occurrence of each distinct value of a 1-d tensor, in order."""
+    if not values.numel():
+        return torch.zeros(0, dtype=torch.long, device=values.device)
+    _, inverse = torch.unique(values, return_inverse=True)
+    positions = torch.arange(len(values), device=values.device)
+    first = torch.full((int(inverse.max()) + 1,), len(values), device=values.device)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    return first.sort().values
+
+
 def predict_outputs(result: AnomalyResult | Reconstruction) -> dict[str, Tensor]:
     """A torch model's named result under the predict step's names (``scores``, ``anomaly_maps``,
     ``reconstructions``)."""
@@ -100,6 +112,7 @@ class AnomalyModule(ElinspectModule):
         """The epoch collectors."""
         self.scores = nn.ModuleDict({s: CatMetric(nan_strategy="error") for s in SPLITS})
         self.labels = nn.ModuleDict({s: CatMetric(nan_strategy="error") for s in SPLITS})
+        self.indices = nn.ModuleDict({s: CatMetric(nan_strategy="error") for s in SPLITS})
         self.pixel_auroc = nn.ModuleDict({s: PixelAuroc() for s in SPLITS})
 
     # ------------------------------------------------------------ what a subclass says
@@ -126,6 +139,8 @@ class AnomalyModule(ElinspectModule):
         check_finite_scores(scores, batch, f"{type(self).__name__} {split}")
         self.scores[split].update(scores)
         self.labels[split].update(batch["label"].float())
+        if "index" in batch:  # the dataset's sample index: repeats are counted once (see _collected)
+            self.indices[split].update(torch.as_tensor(batch["index"], device=scores.device).double())
         if "mask" in batch:
             self.pixel_auroc[split].update(maps, batch["mask"])
 
@@ -148,13 +163,21 @@ class AnomalyModule(ElinspectModule):
 
     # ----------------------------------------------------------------------- epoch ends
     def _collected(self, split: str) -> tuple[Tensor, Tensor] | None:
-        """The epoch's (scores, labels > 0 as long) of ``split``, then reset; None if empty."""
-        scores, labels = self.scores[split], self.labels[split]
+        """The epoch's (scores, labels > 0 as long) of ``split``, each image once, then reset;
+        None if empty. Under DDP the distributed sampler pads the last batches with samples
+        already served; where every batch carried the dataset's ``index``, a repeated index
+        counts once (its first score)."""
+        scores, labels, indices = self.scores[split], self.labels[split], self.indices[split]
         if not scores.update_called:
             return None
         out = scores.compute(), labels.compute().long()
-        scores.reset()
-        labels.reset()
+        if indices.update_called:
+            index = indices.compute()
+            if len(index) == len(out[0]):
+                keep = first_occurrences(index)
+                out = out[0][keep], out[1][keep]
+        for metric in (scores, labels, indices):
+            metric.reset()
         return out if out[0].numel() else None
 
     def _log_pixel_auroc(self, split: str) -> None:
