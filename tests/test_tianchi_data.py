@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from elinspect.data.aluminum import AluminumDataModule
+from elinspect.data.aluminum import UNANNOTATED_DEFECT, AluminumDataModule
 from elinspect.data.box_transforms import detection_augmentation, shift_image
 from elinspect.data.detection import NO_TEMPLATE
 from elinspect.data.detection_dataset import DetectionDataset
@@ -449,6 +449,24 @@ def test_a_labelme_file_without_its_image_is_a_missing_image(aluminum_data: dict
         aluminum(root)
     skipped = aluminum(root, on_error="skip")
     assert skipped.tally.counts == {MISSING_IMAGE: 1} and len(all_records(skipped)) == N - 1
+
+
+def test_a_defect_image_without_its_labelme_file_is_an_error_not_a_normal_sample(
+    aluminum_data: dict, tmp_path: Path
+) -> None:
+    """An image under the release's defect folders (单瑕疵图片, 多瑕疵图片) whose JSON is missing
+    would otherwise pass for defect-free: a background image for training, a normal sample
+    for RDDN's templates. It is an error naming the image, or a counted skip."""
+    root = copy_tree(aluminum_data["root"].parent, tmp_path / "Aluminum")
+    json_path = next(p for p in sorted(root.rglob("*.json")) if "单瑕疵图片" in p.parts)
+    image = json_path.with_suffix(".jpg")
+    json_path.unlink()
+    with pytest.raises(DatasetError, match=r"单瑕疵图片.*defect image without its labelme JSON"):
+        aluminum(root)
+    skipped = aluminum(root, on_error="skip")
+    assert skipped.tally.counts == {UNANNOTATED_DEFECT: 1}
+    kept = [r.image_path for r in all_records(skipped)]
+    assert image not in kept and len(kept) == N - 1
 
 
 def _edit_fabric(root: Path, edit) -> Path:

@@ -8,8 +8,9 @@ Tianchi 2018 (Guangdong) round 2, read in the layout the publisher ships (DESIGN
 The release sorts images into ``单瑕疵图片/<class>/`` (one defect class per image),
 ``多瑕疵图片/`` (several) and ``无瑕疵样本/`` (defect-free); the folder names carry no labels
 here: every image below the release directory is read, its labels come from the labelme JSON
-beside it (:mod:`elinspect.data.readers.labelme`), and an image without a JSON is defect-free.
-A JSON without an image beside it is a missing-image error. 2560×1920 images are resized
+beside it (:mod:`elinspect.data.readers.labelme`), and an image without a JSON is defect-free,
+except below the two defect folders, where it is an error naming the image (under
+``on_error=skip`` a counted skip). A JSON without an image beside it is a missing-image error. 2560×1920 images are resized
 (``image_size``) as they are read.
 
 Classes are config: ``classes`` (English names, label order) and ``name_map`` (label in the
@@ -36,6 +37,8 @@ from elinspect.data.records import DetectionRecord
 from elinspect.data.splits import fixed_size_split
 
 RELEASE_DIR = "guangdong_round2_train_20181011"
+DEFECT_DIRS = ("单瑕疵图片", "多瑕疵图片")  # the release's folders of defect images (one class, several)
+UNANNOTATED_DEFECT = "defect image without its labelme JSON"
 
 
 class AluminumDataModule(DetectionDataModule):
@@ -129,6 +132,10 @@ class AluminumDataModule(DetectionDataModule):
         json_path = image.with_suffix(".json")
         if json_path.is_file():
             return read_labelme(json_path, image, base, self.labels, tally, header_size=(width, height))
+        if image.relative_to(base).parts[0] in DEFECT_DIRS:  # not defect-free: its labels are lost
+            problem = f"{UNANNOTATED_DEFECT} (looked for {json_path.name})"
+            tally.report(DatasetError(image, problem), reason=UNANNOTATED_DEFECT)
+            return None
         return DetectionRecord(image, width=width, height=height)
 
     @property
