@@ -32,6 +32,7 @@ from elinspect.models.anomaly.ganae import (
 from elinspect.models.anomaly.ganae_module import GanAeModule, Schedule
 from elinspect.models.anomaly.thresholds import percentile_threshold
 from elinspect.utils.compat import IncompatibleConfigError, check_compatible
+from elinspect.utils.errors import ConfigError
 from tests.conftest import CONFIG_DIR, f1_at, f1_threshold_by_hand
 from tests.test_padim import smooth_textures
 
@@ -204,6 +205,18 @@ def test_ssim_loss_of_identical_images_is_minus_k1() -> None:
     assert float(SsimFeatureLoss(k1=1.0)(x, x)) == pytest.approx(-1.0, abs=1e-5)
     # a worse reconstruction has a higher (less negative) loss
     assert float(SsimFeatureLoss()(x, x.flip(-1))) > -0.99
+
+
+def test_an_ssim_window_its_sigma_does_not_give_is_refused() -> None:
+    """torchmetrics' Gaussian SSIM sizes its window from σ alone (2·int(3.5σ + 0.5) + 1: 11 for
+    σ = 1.5) and ignores ``kernel_size``; a kernel that disagrees would change nothing, silently.
+    Where they agree the loss and the score are built as before."""
+    with pytest.raises(ConfigError, match=r"ssim_kernel 7 with ssim_sigma 1.5: .* 11 pixels wide"):
+        SsimFeatureLoss(ssim_kernel=7)
+    with pytest.raises(ConfigError, match=r"ssim_kernel 11 with ssim_sigma 1: .* 9 pixels wide"):
+        GanAe.build(image_size=SIZE, ssim_sigma=1.0)
+    SsimFeatureLoss(ssim_kernel=9, ssim_sigma=1.0)
+    GanAe.build(image_size=SIZE, ssim_kernel=9, ssim_sigma=1.0)
 
 
 def test_mse_feature_loss_is_k1_over_ni_mse_plus_k2_over_nf_feature_distance() -> None:

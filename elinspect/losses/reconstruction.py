@@ -26,6 +26,25 @@ from typing import ClassVar
 from torch import Tensor, nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from elinspect.utils.errors import ConfigError
+
+
+def gaussian_window_size(sigma: float) -> int:
+    """The width of torchmetrics' Gaussian SSIM window for σ: 2·int(3.5σ + 0.5) + 1 (11 for 1.5)."""
+    return int(3.5 * sigma + 0.5) * 2 + 1
+
+
+def check_ssim_window(kernel_size: int, sigma: float) -> None:
+    """Refuse a window size that σ does not give: torchmetrics' Gaussian SSIM sizes its window
+    from σ alone and would ignore it."""
+    width = gaussian_window_size(sigma)
+    if int(kernel_size) != width:
+        raise ConfigError(
+            f"ssim_kernel {kernel_size} with ssim_sigma {sigma:g}: the Gaussian SSIM window is "
+            f"{width} pixels wide, set by sigma alone (2·int(3.5σ + 0.5) + 1); set ssim_kernel={width}, "
+            "or the sigma whose window you want"
+        )
+
 
 def ssim_per_image(
     x: Tensor, y: Tensor, kernel_size: int = 11, sigma: float = 1.5, data_range: float = 1.0
@@ -49,7 +68,8 @@ class ReconstructionLoss(nn.Module):
     Args:
         k1: weight of the image term (§III.A: k1 = 1).
         k2: weight of the feature term (§III.A: k2 = 1).
-        ssim_kernel, ssim_sigma: SSIM's Gaussian window (used by :class:`SsimFeatureLoss`).
+        ssim_kernel, ssim_sigma: SSIM's Gaussian window (used by :class:`SsimFeatureLoss`); the
+            width must be the one σ gives (:func:`check_ssim_window`).
     """
 
     loss_kind: ClassVar[str] = "reconstruction"
@@ -58,6 +78,7 @@ class ReconstructionLoss(nn.Module):
         self, k1: float = 1.0, k2: float = 1.0, ssim_kernel: int = 11, ssim_sigma: float = 1.5
     ) -> None:
         super().__init__()
+        check_ssim_window(ssim_kernel, ssim_sigma)
         self.k1, self.k2 = float(k1), float(k2)
         self.ssim_kernel, self.ssim_sigma = int(ssim_kernel), float(ssim_sigma)
 

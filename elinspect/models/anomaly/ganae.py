@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from elinspect.losses.reconstruction import ssim_per_image
+from elinspect.losses.reconstruction import check_ssim_window, ssim_per_image
 from elinspect.models.results import Reconstruction
 from elinspect.utils.errors import ConfigError
 
@@ -279,6 +279,7 @@ class GanAe(nn.Module):
             raise ConfigError(f"score must be one of {SCORES}, got {score!r}")
         if not 0 < ssim_floor <= 1:
             raise ConfigError(f"ssim_floor must lie in (0, 1], got {ssim_floor}")
+        check_ssim_window(ssim_kernel, ssim_sigma)
         self.generator, self.critic, self.encoder = generator, critic, encoder
         self.score_kind = score
         self.k1, self.k2, self.ssim_floor = float(k1), float(k2), float(ssim_floor)
