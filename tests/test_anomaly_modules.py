@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.io import read_image
 
 from elinspect.callbacks.anomaly_visuals import AnomalyHeatmapCallback
+from elinspect.data.resumable import ResumableDataLoader
 from elinspect.drawing import heatmap_overlay
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimModule
@@ -166,6 +167,46 @@ def test_test_metrics_count_each_image_once_when_a_ddp_sampler_repeats_some(fitt
     once = trainer(1).test(module, DataLoader(items, batch_size=8), verbose=False)[0]
     repeated = trainer(1).test(module, DataLoader(padded, batch_size=8), verbose=False)[0]
     assert repeated == pytest.approx(once)
+
+
+class CrashAtStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def fit_padim_resumably(directory: Path, crash: int | None = None, ckpt: str | None = None) -> PadimModule:
+    """PaDiM fitted in one epoch of 6 batches from a :class:`ResumableDataLoader`, a checkpoint
+    every 2 batches; ``crash``: stop with an error before that step."""
+    items = list(toy_loader(12, seed=0).dataset)
+    torch.manual_seed(0)
+    module = PadimModule(Padim(**SMALL), INFO)
+    saves = ModelCheckpoint(directory, save_last=True, every_n_train_steps=2, save_top_k=0)
+    callbacks = [saves] + ([CrashAtStep(crash)] if crash is not None else [])
+    fit = trainer(max_epochs=1, enable_checkpointing=True, callbacks=callbacks)
+    try:
+        fit.fit(module, ResumableDataLoader(items, seed=3, batch_size=4), ckpt_path=ckpt)
+    except RuntimeError as error:
+        assert "simulated crash" in str(error)
+    return module
+
+
+def test_a_padim_fit_resumed_mid_epoch_equals_the_uninterrupted_fit(tmp_path: Path) -> None:
+    """The fit's running sums live in memory; a checkpoint saved in the middle of the fitting
+    epoch (``every_n_train_steps``, ``val_check_interval`` < 1, a preempted job) must carry
+    them, or the resumed loader serves the rest of the epoch and the Gaussians are fitted on
+    that rest alone."""
+    reference = fit_padim_resumably(tmp_path / "reference")
+    fit_padim_resumably(tmp_path / "crashed", crash=3)  # after the checkpoint at step 2
+    saved = torch.load(tmp_path / "crashed" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2 and not bool(saved["state_dict"]["padim.fitted"])
+    resumed = fit_padim_resumably(tmp_path / "crashed", ckpt=str(tmp_path / "crashed" / "last.ckpt"))
+    assert bool(resumed.padim.fitted)
+    torch.testing.assert_close(resumed.padim.mean, reference.padim.mean)
+    torch.testing.assert_close(resumed.padim.inv_cholesky, reference.padim.inv_cholesky)
 
 
 # ------------------------------------------------------------------------------- SeMaCNN

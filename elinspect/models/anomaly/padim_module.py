@@ -14,7 +14,9 @@ distribution of a dataset". Here:
   over ranks (DDP) and :meth:`Padim.finalize` turns them into the Gaussians. The module then
   asks the trainer to stop (``trainer.should_stop``, honoured after ``trainer.min_epochs``);
   any further epoch only re-validates — the Gaussians are never refitted, so the result does
-  not depend on ``trainer.max_epochs``.
+  not depend on ``trainer.max_epochs``. A checkpoint saved inside the fitting epoch holds the
+  running sums too, so a run resumed from it (its loader serving the rest of the epoch) fits
+  on every image, as an uninterrupted one does.
 * **Threshold.** Image score = maximum of the anomaly map. After every validation epoch the
   threshold that maximises F1 on the validation scores is stored in the persistent buffer
   ``threshold`` (so it is saved in checkpoints); ``val/{acc,f1,precision,recall}`` are
@@ -38,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from elinspect.data.info import DatasetInfo
 from elinspect.data.normals import normal_images
+from elinspect.data.resumable import ResumableDataLoader
 from elinspect.models.anomaly.base import AnomalyModule, count_step_without_optimizer, fit_epoch_done
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.base import twice_when_set
@@ -49,6 +52,16 @@ log = logging.getLogger(__name__)
 # frozen backbone stays in eval mode while the rest trains. Lightning warns of both.
 warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+FIT_SUMS_KEY = "padim_fit_sums"  # the checkpoint entry of a fit saved mid-epoch
+
+
+def resumes_mid_epoch(trainer: Any) -> bool:
+    """Whether the running epoch's training loader resumed mid-epoch, serving only the batches
+    a checkpoint had not seen (read once its first batch is out)."""
+    loader = trainer.train_dataloader
+    return isinstance(loader, ResumableDataLoader) and loader.sampler.skipped > 0
 
 
 class PadimFitMixin:
@@ -80,8 +93,40 @@ class PadimFitMixin:
             self, sorted({f"{self.padim_key}.{name}" for name in names})
         )
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint saved in the middle of the fitting epoch also holds the running sums
+        (not buffers of the state dict: 168 MB at P = 4096, k = 100, needed only then)."""
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        if not self.padim.is_fitted and self.padim.sum_x is not None:
+            names = ("sum_x", "sum_xx", "count")
+            checkpoint[FIT_SUMS_KEY] = {
+                n: t.detach().cpu().clone() for n, t in zip(names, self.padim.sums(), strict=True)
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        self._resumed_sums = checkpoint.get(FIT_SUMS_KEY)
+
+    def _restore_resumed_sums(self) -> None:
+        """At the first batch after a mid-fit resume: the saved sums join the fit when the loader
+        serves the rest of the epoch (:class:`ResumableDataLoader`); a loader that starts the
+        epoch again refits from its first batch, so they are dropped."""
+        sums, self._resumed_sums = getattr(self, "_resumed_sums", None), None
+        if sums is None:
+            return
+        if resumes_mid_epoch(self.trainer):  # type: ignore[attr-defined]
+            self.padim.load_sums(sums["sum_x"], sums["sum_xx"], sums["count"])
+            log.info("PaDiM's fit goes on from the checkpoint's sums of %d normal images", int(sums["count"]))
+        else:
+            log.warning(
+                "the checkpoint holds PaDiM's sums of %d normal images from the middle of its fitting "
+                "epoch, but the training loader starts the epoch again: the fit starts again too",
+                int(sums["count"]),
+            )
+
     def padim_update(self, batch: dict[str, Tensor]) -> int:
         """Add the batch's defect-free images to the running sums; returns how many."""
+        self._restore_resumed_sums()
         normal = normal_images(batch)
         if len(normal):
             self.padim.update(normal)
