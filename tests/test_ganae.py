@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from elinspect.build import fit_epochs
+from elinspect.data.resumable import ResumableDataLoader
 from elinspect.losses import MseFeatureLoss, ReconstructionLoss, SsimFeatureLoss
 from elinspect.models.anomaly.ganae import (
     Encoder,
@@ -363,6 +364,44 @@ def test_resuming_a_stage_one_checkpoint_continues_at_stage_two(trained, tmp_pat
     assert changed(at[3]["encoder"], state(resumed.net.encoder))
     assert math.isfinite(float(resumed.threshold))
     assert int(resumed.critic_steps) == 9  # restored, not restarted
+
+
+class SaveThenCrashInCalibration(L.Callback):
+    """Save a checkpoint after the second batch of the calibration epoch, then fail."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.stage == "calibrate" and batch_idx == 1:
+            trainer.save_checkpoint(self.path)
+            raise RuntimeError("simulated crash")
+
+
+def test_a_calibration_resumed_mid_epoch_takes_the_percentile_of_every_training_normal(
+    trained, tmp_path: Path
+) -> None:
+    """The calibration epoch's scores live in memory; a checkpoint saved inside it must carry
+    them, or the resumed loader serves the rest of the epoch and the threshold is the
+    percentile of that rest alone."""
+    items = list(toy_loader(24, 0, seed=0).dataset)
+
+    def calibrate(ckpt: Path, *callbacks: L.Callback) -> GanAeModule:
+        module = ganae(generator_epochs=3, encoder_epochs=3)
+        try:
+            trainer(tmp_path, module, callbacks=list(callbacks)).fit(
+                module, ResumableDataLoader(items, seed=3, batch_size=4), ckpt_path=str(ckpt)
+            )
+        except RuntimeError as error:
+            assert "simulated crash" in str(error)
+        return module
+
+    after_stage_two = trained["dir"] / "epoch=5.ckpt"
+    reference = calibrate(after_stage_two)
+    calibrate(after_stage_two, SaveThenCrashInCalibration(tmp_path / "mid.ckpt"))
+    resumed = calibrate(tmp_path / "mid.ckpt")
+    assert math.isfinite(float(reference.threshold))
+    assert float(resumed.threshold) == pytest.approx(float(reference.threshold), rel=1e-6)
 
 
 def test_stage_two_alone_starts_from_a_stage_one_checkpoint(trained, tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.functional.classification import binary_auroc
 
+from elinspect.data.resumable import ResumableDataLoader
 from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
 from elinspect.models.anomaly.scoring import check_finite_scores
 from elinspect.models.anomaly.thresholds import best_f1_threshold, threshold_metrics, to_unit_interval
@@ -57,6 +58,13 @@ def fit_epoch_done(trainer: L.Trainer) -> bool:
     if trainer.state.fn != "fit" or trainer.sanity_checking:
         return False
     return trainer.fit_loop.epoch_loop.batch_progress.current.completed >= trainer.num_training_batches
+
+
+def resumes_mid_epoch(trainer: L.Trainer) -> bool:
+    """Whether the running epoch's training loader resumed mid-epoch, serving only the batches
+    a checkpoint had not seen (read once its first batch is out)."""
+    loader = trainer.train_dataloader
+    return isinstance(loader, ResumableDataLoader) and loader.sampler.skipped > 0
 
 
 def count_step_without_optimizer(trainer: L.Trainer) -> None:

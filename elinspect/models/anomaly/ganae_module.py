@@ -21,7 +21,8 @@ derives its stage), so a checkpoint saved anywhere in the run resumes in the rig
   is the ``threshold_percentile`` of those scores (default 95: the paper does not say which
   statistic; the maximum (100) would hang on the single most unusual training cell, and ELPV's
   p = 0 cells include some a second rater might call defective). It is set before that
-  epoch's validation, so the checkpoint saved after it holds it. With ``threshold=f1`` there
+  epoch's validation, so the checkpoint saved after it holds it; a checkpoint saved inside the
+  epoch holds the scores so far, so a resumed calibration still takes every normal's. With ``threshold=f1`` there
   is no calibration epoch: after every validation of stage 2 the threshold is the F1-optimal
   one on the validation scores (labels used; as PaDiM/SeMaCNN here).
 
@@ -65,7 +66,12 @@ from elinspect.callbacks.ganae_samples import GanAeSamplesCallback
 from elinspect.data.info import DatasetInfo
 from elinspect.data.normals import defect_free, normal_images, unaugmented_normal_images
 from elinspect.losses.reconstruction import ReconstructionLoss, SsimFeatureLoss
-from elinspect.models.anomaly.base import AnomalyModule, count_step_without_optimizer, fit_epoch_done
+from elinspect.models.anomaly.base import (
+    AnomalyModule,
+    count_step_without_optimizer,
+    fit_epoch_done,
+    resumes_mid_epoch,
+)
 from elinspect.models.anomaly.ganae import GanAe, Norm, ScoreKind, critic_loss, generator_loss
 from elinspect.models.anomaly.scoring import check_finite_scores
 from elinspect.models.anomaly.thresholds import (
@@ -80,6 +86,7 @@ log = logging.getLogger(__name__)
 Stage = Literal["generator", "encoder", "calibrate", "done"]
 STAGE_CHOICES = {"both": ("generator", "encoder"), "generator": ("generator",), "encoder": ("encoder",)}
 THRESHOLDS = ("percentile", "f1")
+CALIBRATION_SCORES_KEY = "ganae_calibration_scores"  # the checkpoint entry of a calibration saved mid-epoch
 
 
 @dataclass(frozen=True)
@@ -251,6 +258,7 @@ class GanAeModule(AnomalyModule):
         # the calibration epoch's scores of the training normals
         self.train_scores = CatMetric(nan_strategy="error")
         self._calibration_seen = 0
+        self._resumed_scores: Tensor | None = None  # a mid-calibration checkpoint's, until used
         self._warned_untrained = False
 
     # ------------------------------------------------------------------------ stages
@@ -426,8 +434,36 @@ class GanAeModule(AnomalyModule):
             sync_dist=True,
         )
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint saved inside the calibration epoch also holds the scores so far."""
+        super().on_save_checkpoint(checkpoint)
+        if self._calibration_seen:
+            checkpoint[CALIBRATION_SCORES_KEY] = torch.cat(self.train_scores.value).detach().cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._resumed_scores = checkpoint.get(CALIBRATION_SCORES_KEY)
+
+    def _restore_resumed_scores(self) -> None:
+        """At the first calibration batch after a resume: the saved scores join this epoch's when
+        the loader serves the rest of the epoch; a loader that starts it again scores every
+        normal again, so they are dropped."""
+        scores, self._resumed_scores = self._resumed_scores, None
+        if scores is None:
+            return
+        if resumes_mid_epoch(self.trainer):
+            self.train_scores.update(scores.to(self.device))
+            self._calibration_seen += len(scores)
+        else:
+            log.warning(
+                "the checkpoint holds %d calibration scores from the middle of the calibration epoch, "
+                "but the training loader starts the epoch again: calibration starts again too",
+                len(scores),
+            )
+
     def _calibration_step(self, batch: dict[str, Tensor]) -> None:
         """Score the batch's training normals, unaugmented, with the final model (no optimiser step)."""
+        self._restore_resumed_scores()
         normal = defect_free(batch)
         x = self.net.prepare(unaugmented_normal_images(batch))
         with torch.no_grad():

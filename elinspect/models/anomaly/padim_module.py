@@ -40,8 +40,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from elinspect.data.info import DatasetInfo
 from elinspect.data.normals import normal_images
-from elinspect.data.resumable import ResumableDataLoader
-from elinspect.models.anomaly.base import AnomalyModule, count_step_without_optimizer, fit_epoch_done
+from elinspect.models.anomaly.base import (
+    AnomalyModule,
+    count_step_without_optimizer,
+    fit_epoch_done,
+    resumes_mid_epoch,
+)
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.base import twice_when_set
 from elinspect.models.results import AnomalyResult
@@ -55,13 +59,6 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 
 
 FIT_SUMS_KEY = "padim_fit_sums"  # the checkpoint entry of a fit saved mid-epoch
-
-
-def resumes_mid_epoch(trainer: Any) -> bool:
-    """Whether the running epoch's training loader resumed mid-epoch, serving only the batches
-    a checkpoint had not seen (read once its first batch is out)."""
-    loader = trainer.train_dataloader
-    return isinstance(loader, ResumableDataLoader) and loader.sampler.skipped > 0
 
 
 class PadimFitMixin:
