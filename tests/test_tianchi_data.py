@@ -21,6 +21,7 @@ from elinspect.data.box_transforms import detection_augmentation, shift_image
 from elinspect.data.detection import NO_TEMPLATE
 from elinspect.data.detection_dataset import DetectionDataset
 from elinspect.data.errors import DatasetError, ErrorTally
+from elinspect.data.fabric import UNANNOTATED_DEFECT as UNANNOTATED_FABRIC
 from elinspect.data.fabric import FabricDataModule
 from elinspect.data.readers.boxes import (
     CLIPPED,
@@ -156,6 +157,23 @@ def test_class_subset_drops_and_counts_other_classes(aluminum_data: dict) -> Non
     kept = sum(r.num_boxes for r in all_records(dm))
     assert kept == counts.get("脏点", 0) + counts.get("擦花", 0)
     assert dm.tally.counts[IGNORED_CLASS] == aluminum_data["num_boxes"] - kept > 0
+
+
+def test_a_fabric_class_subset_keeps_images_of_other_classes_as_annotated_without_boxes(
+    fabric_data: dict,
+) -> None:
+    """A defect image whose boxes are all of classes outside the subset is a hard negative for
+    the chosen classes (as PVEL, Aluminum and COCO keep it): it stays in its split with no boxes,
+    annotated (not a normal sample); only its boxes are dropped and counted."""
+    full = fabric(fabric_data["root"])
+    subset = fabric(fabric_data["root"], classes=["stained"])
+    for split in ("train", "val", "test"):
+        assert [r.image_path for r in subset.records[split]] == [r.image_path for r in full.records[split]]
+    records = all_records(subset)
+    assert any(r.annotated and not r.num_boxes for r in records)  # the synthetic set has such images
+    assert all(r.annotated == f.annotated for r, f in zip(records, all_records(full), strict=True))
+    assert UNANNOTATED_FABRIC not in subset.tally.counts
+    assert subset.tally.counts[IGNORED_CLASS] == fabric_data["num_boxes"] - sum(r.num_boxes for r in records)
 
 
 @pytest.mark.parametrize("make", [fabric, aluminum])

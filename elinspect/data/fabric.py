@@ -191,7 +191,7 @@ class FabricDataModule(DetectionDataModule):
         item: FabricItem, annotations: FabricAnnotations, tally: ErrorTally
     ) -> DetectionRecord | None:
         entries = annotations.boxes.get(item.name, [])
-        if item.kind == "defect" and not entries:
+        if item.kind == "defect" and item.name not in annotations.annotated:
             log.warning("%s: defect image without annotation entries, dropped", item.image)
             tally.count(UNANNOTATED_DEFECT)
             return None
@@ -210,7 +210,7 @@ class FabricDataModule(DetectionDataModule):
             tally,
             numbers=[e.number for e in entries],
         )
-        annotated = bool(entries) or item.kind == "defect"
+        annotated = item.name in annotations.annotated or item.kind == "defect"
         return DetectionRecord(item.image, boxes, labels, difficult, width, height, item.template, annotated)
 
     def template_error(self, record: DetectionRecord) -> DatasetError | None:

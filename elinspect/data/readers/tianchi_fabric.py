@@ -48,6 +48,8 @@ class FabricAnnotations:
     boxes: dict[str, list[FabricBox]] = field(default_factory=dict)
     num_entries: int = 0
     defect_names: set[str] = field(default_factory=set)
+    # names with a well-formed entry, kept or of a class outside the chosen subset
+    annotated: set[str] = field(default_factory=set)
 
     @property
     def num_boxes(self) -> int:
@@ -76,6 +78,9 @@ def read_fabric_annotations(
         if parsed is None:
             continue
         name, defect_name, label, box = parsed
+        out.annotated.add(name)
+        if label is None:  # a class outside the subset: the image stays annotated, the box goes
+            continue
         out.boxes.setdefault(name, []).append(FabricBox(label, box, number))
         out.defect_names.add(defect_name)
     return out
@@ -83,8 +88,9 @@ def read_fabric_annotations(
 
 def _parse_entry(
     entry: Any, number: int, path: Path, labels: Mapping[str, int | None], tally: ErrorTally
-) -> tuple[str, str, int, tuple[float, float, float, float]] | None:
-    """``(name, defect_name, label, box)`` of one entry, or ``None`` when it is dropped."""
+) -> tuple[str, str, int | None, tuple[float, float, float, float]] | None:
+    """``(name, defect_name, label, box)`` of one entry (label ``None``: a class outside the
+    subset, counted), or ``None`` when it is dropped as malformed or unknown."""
     if not isinstance(entry, dict):
         tally.report(DatasetError(path, f"entry #{number} is not an object"), reason=MALFORMED_ENTRY)
         return None
@@ -112,7 +118,6 @@ def _parse_entry(
     label = labels[defect_name]
     if label is None:
         tally.count(IGNORED_CLASS)
-        return None
     x1, y1, x2, y2 = (float(v) for v in bbox)
     return name, defect_name, label, (x1, y1, x2, y2)
 
