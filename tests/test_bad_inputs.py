@@ -774,3 +774,24 @@ def test_sixteen_bit_and_alpha_images_read_as_eight_bit(tmp_path: Path, grey: bo
         np.testing.assert_allclose(
             image.reshape(-1, 1 if grey else 3)[0] / 255, expected_colour(case, grey), atol=1e-6
         )
+
+
+def test_a_sixteen_bit_image_of_fewer_bits_is_refused_or_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 bits become 8 by the high byte. A camera's 12-bit values in a 16-bit file (0..4095)
+    would come out as 0..15, nearly black: that is logged, naming the file. Values that all lie
+    below 256 would come out black: an error naming the file. Full-range files say nothing."""
+    monkeypatch.setattr(images_mod, "_few_bits_reported", False)  # once per process
+    ramp = np.tile(np.linspace(0, 1, W), (H, 1))
+    paths = {}
+    for name, top in (("twelve", 4095), ("byte", 200), ("full", 65535)):
+        paths[name] = tmp_path / f"{name}.png"
+        assert cv2.imwrite(str(paths[name]), np.round(ramp * top).astype(np.uint16))
+    with caplog.at_level("WARNING", logger="elinspect.data.images"):
+        assert read_image(paths["full"]).max() == 255
+        assert not caplog.records
+        assert read_image(paths["twelve"]).max() == 15
+    assert "twelve.png: a 16-bit image whose values all lie below 4096" in caplog.text
+    with pytest.raises(DatasetError, match=r"byte.png: a 16-bit image whose values all lie below 256"):
+        read_image(paths["byte"])

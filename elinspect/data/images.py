@@ -16,7 +16,8 @@ Every image goes through the same checks, in this order, each failing with a
 5. OpenCV decodes; anything it cannot decode (a truncated PNG, garbage after a valid
    header) fails.
 
-Then 16-bit images are scaled to 8 bits (the high byte: full scale maps to full scale),
+Then 16-bit images are scaled to 8 bits (the high byte: full scale maps to full scale; one
+whose values all lie below 256 is an error, below 4096 it is logged once),
 an alpha channel is dropped, and colour is kept (RGB) or turned into grey as asked.
 
 Checks 1–3 are cheap (:func:`read_header`), so readers run them on every image at setup,
@@ -27,6 +28,7 @@ happen when an item is loaded, where a bad file always stops the run with its na
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -35,6 +37,9 @@ import numpy as np
 from PIL import Image
 
 from elinspect.data.errors import DatasetError
+
+log = logging.getLogger(__name__)
+_few_bits_reported = False  # a 16-bit image of ≤ 12 bits is logged once per process
 
 _JPEG_SOI = b"\xff\xd8"
 # markers that stand alone (no length field): TEM, RST0..7, SOI, EOI
@@ -114,6 +119,30 @@ def jpeg_is_complete(data: bytes) -> bool:
         pos = i + 2 + length
 
 
+def _sixteen_to_eight_bits(path: Path, image: np.ndarray) -> np.ndarray:
+    """The high byte (full scale to full scale). Values that all lie below 256 would all become
+    0: an error; below 4096 (a 12-bit camera's, stored in 16 bits) they become 0..15: logged."""
+    global _few_bits_reported
+    top = int(image.max())
+    if 0 < top < 256:
+        raise DatasetError(
+            path,
+            f"a 16-bit image whose values all lie below 256 (max {top}) would read as black: 16 bits "
+            "become 8 by the high byte; save it as 8-bit, or scaled to the 16-bit range",
+        )
+    if 0 < top < 4096 and not _few_bits_reported:
+        _few_bits_reported = True
+        log.warning(
+            "%s: a 16-bit image whose values all lie below 4096 (max %d, e.g. a 12-bit camera's) reads "
+            "as 0..%d of 255: 16 bits become 8 by the high byte. Scale such images to the 16-bit range "
+            "(or save them as 8-bit) first; further ones are not reported",
+            path,
+            top,
+            top >> 8,
+        )
+    return (image >> 8).astype(np.uint8)
+
+
 def read_image(path: str | Path, grey: bool = True, max_pixels: int | None = None) -> np.ndarray:
     """Read ``path`` as ``H×W`` (``grey``) or ``H×W×3`` RGB uint8 (checks: module docstring)."""
     path = Path(path)
@@ -134,7 +163,7 @@ def read_image(path: str | Path, grey: bool = True, max_pixels: int | None = Non
     if image is None:
         raise DatasetError(path, "cannot decode image (corrupt, truncated, or not an image)")
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+        image = _sixteen_to_eight_bits(path, image)
     elif image.dtype != np.uint8:
         raise DatasetError(path, f"unsupported pixel type {image.dtype}")
     if image.ndim == 3 and image.shape[2] == 4:
