@@ -108,9 +108,7 @@ class PadimFitMixin:
         """At the first batch after a mid-fit resume: the saved sums join the fit when the loader
         serves the rest of the epoch (:class:`ResumableDataLoader`); a loader that starts the
         epoch again refits from its first batch, so they are dropped."""
-        sums, self._resumed_sums = getattr(self, "_resumed_sums", None), None
-        if sums is None:
-            return
+        sums, self._resumed_sums = self._resumed_sums, None
         if resumes_mid_epoch(self.trainer):  # type: ignore[attr-defined]
             self.padim.load_sums(sums["sum_x"], sums["sum_xx"], sums["count"])
             log.info("PaDiM's fit goes on from the checkpoint's sums of %d normal images", int(sums["count"]))
@@ -123,7 +121,8 @@ class PadimFitMixin:
 
     def padim_update(self, batch: dict[str, Tensor]) -> int:
         """Add the batch's defect-free images to the running sums; returns how many."""
-        self._restore_resumed_sums()
+        if getattr(self, "_resumed_sums", None) is not None:  # the first batch after a mid-fit resume
+            self._restore_resumed_sums()
         normal = normal_images(batch)
         if len(normal):
             self.padim.update(normal)
