@@ -410,8 +410,11 @@ def test_padim_fit_and_test_metrics_equal_under_ddp(folder_runs, strategy: str) 
     ddp = run_train(tmp / f"padim-{strategy}", *model, *data, *CPU_DDP, f"trainer.strategy={strategy}")
     expected, got = padim_buffers(single), padim_buffers(ddp)
     assert expected.keys() == got.keys() and len(got) == 3
+    # the channels-last backbone's convolutions (oneDNN) sum in an order that depends on the
+    # process's threads (one per rank here): the features differ by float rounding (the means
+    # by up to 4e-6), which the inverse Cholesky factor of a 12-image covariance lifts to 6e-5
     for key, value in expected.items():
-        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=2e-4, msg=key)
     expected, got = logged_metrics(single), logged_metrics(ddp)
     assert got["train/normal_images"] == expected["train/normal_images"] == 12
     for name in CLASSIFICATION_METRICS:
@@ -457,7 +460,8 @@ def test_semacnn_padim_fit_equals_under_ddp(folder_runs) -> None:
     ddp = run_train(folder_runs["tmp"] / "sema-ddp", *SEMACNN, *data, *CPU_DDP)
     expected, got = padim_buffers(single), padim_buffers(ddp)
     for key in ("model.padim.mean", "model.padim.inv_cholesky"):  # SemaCnn's PaDiM
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+        # atol as in test_padim_fit_and_test_metrics_equal_under_ddp: channels-last rounding
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=2e-4, msg=key)
     assert_single_outputs(ddp)
 
 
