@@ -28,6 +28,7 @@ from elinspect.models.anomaly.thresholds import best_f1_threshold
 from elinspect.models.classification import ImageClassifier
 from tests.conftest import f1_at, f1_threshold_by_hand
 from tests.test_padim import add_dark_blob, smooth_textures
+from tests.test_resume import Crash
 
 INFO = {"task": "classification", "class_names": ["normal", "defective"], "in_channels": 1}
 SMALL = {"feature_size": 16, "k": 20}
@@ -169,15 +170,6 @@ def test_test_metrics_count_each_image_once_when_a_ddp_sampler_repeats_some(fitt
     assert repeated == pytest.approx(once)
 
 
-class CrashAtStep(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
 def fit_padim_resumably(directory: Path, crash: int | None = None, ckpt: str | None = None) -> PadimModule:
     """PaDiM fitted in one epoch of 6 batches from a :class:`ResumableDataLoader`, a checkpoint
     every 2 batches; ``crash``: stop with an error before that step."""
@@ -185,7 +177,7 @@ def fit_padim_resumably(directory: Path, crash: int | None = None, ckpt: str | N
     torch.manual_seed(0)
     module = PadimModule(Padim(**SMALL), INFO)
     saves = ModelCheckpoint(directory, save_last=True, every_n_train_steps=2, save_top_k=0)
-    callbacks = [saves] + ([CrashAtStep(crash)] if crash is not None else [])
+    callbacks = [saves] + ([Crash(crash)] if crash is not None else [])
     fit = trainer(max_epochs=1, enable_checkpointing=True, callbacks=callbacks)
     try:
         fit.fit(module, ResumableDataLoader(items, seed=3, batch_size=4), ckpt_path=ckpt)
