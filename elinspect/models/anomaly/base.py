@@ -35,6 +35,7 @@ import logging
 from typing import ClassVar
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import CatMetric
@@ -89,13 +90,8 @@ PREDICT_KEYS = {"score": "scores", "anomaly_map": "anomaly_maps", "reconstructio
 
 def first_occurrences(values: Tensor) -> Tensor:
     """Positions of the first occurrence of each distinct value of a 1-d tensor, in order."""
-    if not values.numel():
-        return torch.zeros(0, dtype=torch.long, device=values.device)
-    _, inverse = torch.unique(values, return_inverse=True)
-    positions = torch.arange(len(values), device=values.device)
-    first = torch.full((int(inverse.max()) + 1,), len(values), device=values.device)
-    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
-    return first.sort().values
+    _, first = np.unique(values.cpu().numpy(), return_index=True)
+    return torch.as_tensor(np.sort(first), dtype=torch.long, device=values.device)
 
 
 def predict_outputs(result: AnomalyResult | Reconstruction) -> dict[str, Tensor]:
