@@ -129,7 +129,11 @@ def test_streaming_fit_equals_a_batch_fit(splits: list[int]) -> None:
     model.finalize(eps=0.01)
     precision = torch.linalg.inv(ref_cov + 0.01 * torch.eye(model.k, dtype=torch.float64))
     inv_chol = model.inverse_cholesky().double()
-    torch.testing.assert_close(inv_chol.transpose(1, 2) @ inv_chol, precision, rtol=1e-4, atol=1e-4)
+    # Σ comes from float32 batch products (relative error ~1e-7), and (Σ + εI)⁻¹ multiplies
+    # that by its condition number (~10⁴ here: 6 images, k = 20): relative to its largest entry
+    torch.testing.assert_close(
+        inv_chol.transpose(1, 2) @ inv_chol, precision, rtol=1e-4, atol=1e-5 * float(precision.abs().max())
+    )
     torch.testing.assert_close(model.mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
 
 
@@ -174,6 +178,53 @@ def test_sums_reduced_over_ranks_give_the_single_process_fit() -> None:
     assert float(reduced.count) == 6
     torch.testing.assert_close(reduced.mean, single.mean)
     torch.testing.assert_close(reduced.inverse_cholesky(), single.inverse_cholesky(), rtol=1e-4, atol=1e-4)
+
+
+def fit_on_embeddings(model: Padim, batches: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``update`` with these N×P×k embeddings in place of the backbone's."""
+    given = iter(batches)
+    monkeypatch.setattr(model, "embed", lambda images: next(given))
+    for _ in batches:
+        model.update(torch.zeros(1, 3, 8, 8))
+    monkeypatch.undo()
+
+
+def reference_covariances(batches: list[torch.Tensor]) -> torch.Tensor:
+    stacked = torch.cat(batches).double()  # N×P×k
+    return torch.stack([torch.cov(stacked[:, p].T) for p in range(stacked.shape[1])])
+
+
+def test_the_fit_keeps_its_accuracy_for_features_far_from_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch products run in float32: on features of mean 100 and spread 0.01 the plain
+    products Σxxᵀ (≈ 10⁴ per image) would lose the covariance (≈ 10⁻⁴) to rounding; about the
+    first batch's mean they keep it to float32's relative precision."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [100 + 0.01 * torch.randn(8, 16, 5, generator=gen) for _ in range(3)]
+    model = Padim(feature_size=4, k=5)
+    fit_on_embeddings(model, batches, monkeypatch)
+    mean, cov = gaussian_from_sums(*model.sums())
+    ref_cov = reference_covariances(batches)
+    torch.testing.assert_close(mean, torch.cat(batches).double().mean(dim=0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(cov, ref_cov, rtol=0, atol=1e-5 * float(ref_cov.abs().max()))
+
+
+def test_sums_handed_out_mid_fit_go_on_to_the_same_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sums()`` (a checkpoint, a reduction) turns the shifted sums into plain ones; the fit
+    then goes on about a new shift and ends where an uninterrupted one does."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [3 + torch.randn(4, 16, 5, generator=gen) for _ in range(4)]
+    straight, handed = Padim(feature_size=4, k=5), Padim(feature_size=4, k=5)
+    fit_on_embeddings(straight, batches, monkeypatch)
+    fit_on_embeddings(handed, batches[:2], monkeypatch)
+    halfway = [t.clone() for t in handed.sums()]
+    fit_on_embeddings(handed, batches[2:], monkeypatch)
+    _, half_cov = gaussian_from_sums(*halfway)
+    torch.testing.assert_close(half_cov, reference_covariances(batches[:2]), rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(handed.sums(), straight.sums(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(
+        gaussian_from_sums(*handed.sums())[1], reference_covariances(batches), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_finalize_needs_two_images() -> None:

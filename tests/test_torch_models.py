@@ -124,7 +124,7 @@ def test_ddp_leaves_every_padim_tensor_alone_by_its_real_name(
     ignored = set(module._ddp_params_and_buffers_to_ignore)
     padim_state = {f"{module.padim_key}.{key}" for key in module.padim.state_dict()}
     assert padim_state <= ignored
-    sums = {f"{module.padim_key}.{name}" for name in ("sum_x", "sum_xx", "count")}
+    sums = {f"{module.padim_key}.{name}" for name in module.padim.running_sum_names}
     assert ignored - sums <= set(module.state_dict()) | {
         f"{module.padim_key}.{name}" for name, _ in module.padim.named_buffers()
     }

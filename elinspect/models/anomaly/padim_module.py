@@ -85,7 +85,7 @@ class PadimFitMixin:
         super().setup(stage)  # type: ignore[misc]
         names = [name for name, _ in self.padim.named_parameters()]
         names += [name for name, _ in self.padim.named_buffers()]
-        names += ["sum_x", "sum_xx", "count"]  # allocated later, by the first update()
+        names += list(self.padim.running_sum_names)  # allocated later, by the first update()
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             self, sorted({f"{self.padim_key}.{name}" for name in names})
         )
