@@ -16,7 +16,9 @@ from typing import Any
 
 import hydra
 import lightning as L
+import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -39,6 +41,35 @@ def group_choices() -> dict[str, str]:
     if not HydraConfig.initialized():
         return {}
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if isinstance(v, str)}
+
+
+def command_line_overrides() -> list[str]:
+    """This run's command-line overrides (``data.fold=2``, ``model=ebba`` …), when known."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def apply_stored_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[str]) -> None:
+    """Replace each of model/data/loss by the checkpoint's unless chosen on the command line
+    (``data=…``); a ``group.key=value`` override changes that field of the stored group."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    for group in STORED_GROUPS:
+        if group not in stored:
+            continue
+        if any(o.key_or_group == group for o in parsed):
+            log.info("%s: using the command line's choice, not the checkpoint's", group)
+            continue
+        node = OmegaConf.create(stored[group])
+        for o in parsed:
+            if o.key_or_group.startswith(group + "."):
+                value = o.value()
+                OmegaConf.update(
+                    node,
+                    o.key_or_group[len(group) + 1 :],
+                    yaml.safe_load(str(value)) if isinstance(value, str) else value,
+                    force_add=True,
+                )
+        with open_dict(cfg):
+            cfg[group] = node
 
 
 def build_datamodule_and_model(cfg: DictConfig) -> tuple[L.LightningDataModule, ElinspectModule]:

@@ -15,18 +15,16 @@ from typing import Any
 
 import hydra
 import lightning as L
-import yaml
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 from rich.console import Console
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
 from elinspect.build import (
-    STORED_GROUPS,
+    apply_stored_config,
     build_datamodule_and_model,
     build_trainer,
+    command_line_overrides,
     save_resolved_config,
 )
 from elinspect.data.info import DatasetInfo
@@ -40,29 +38,6 @@ from elinspect.utils.task import extras, print_config, task_wrapper
 
 log = logging.getLogger(__name__)
 silence_library_warnings()
-
-
-def apply_stored_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[str]) -> None:
-    """Replace each of model/data/loss by the checkpoint's unless chosen on the command line."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    for group in STORED_GROUPS:
-        if group not in stored:
-            continue
-        if any(o.key_or_group == group for o in parsed):
-            log.info("%s: using the command line's choice, not the checkpoint's", group)
-            continue
-        node = OmegaConf.create(stored[group])
-        for o in parsed:
-            if o.key_or_group.startswith(group + "."):
-                value = o.value()
-                OmegaConf.update(
-                    node,
-                    o.key_or_group[len(group) + 1 :],
-                    yaml.safe_load(str(value)) if isinstance(value, str) else value,
-                    force_add=True,
-                )
-        with open_dict(cfg):
-            cfg[group] = node
 
 
 def check_dataset_facts(ckpt_path: str, trained: dict[str, Any] | None, evaluated: DatasetInfo) -> None:
@@ -102,8 +77,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     checkpoint = read_checkpoint(cfg.ckpt_path)
     meta = checkpoint.get(CHECKPOINT_KEY) or {}
     if meta.get("config"):
-        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-        apply_stored_config(cfg, meta["config"], overrides)
+        apply_stored_config(cfg, meta["config"], command_line_overrides())
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ensure_writable_dir(cfg.paths.output_dir)

@@ -38,12 +38,15 @@ from rich.console import Console
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
 from elinspect.build import (
+    apply_stored_config,
     build_datamodule_and_model,
     build_trainer,
+    command_line_overrides,
     log_hyperparameters,
     save_resolved_config,
 )
-from elinspect.utils.checkpoint import check_checkpoint
+from elinspect.models.base import CHECKPOINT_KEY
+from elinspect.utils.checkpoint import check_checkpoint, read_checkpoint, resolve_checkpoint
 from elinspect.utils.errors import ConfigError, UserError, user_errors
 from elinspect.utils.library_warnings import silence_library_warnings
 from elinspect.utils.outputs import ensure_writable_dir, guard_output_dir
@@ -94,6 +97,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         guard_output_dir(output_dir, cfg.get("ckpt_path"))
     ensure_writable_dir(output_dir)
     check_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints")
+    use_checkpoint_config(cfg, resolve_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     save_resolved_config(cfg, output_dir)
@@ -127,6 +131,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         print_test_metrics(test_metrics, getattr(datamodule, "protocol", None), best and f"{label}: {best}")
     print_on_rank_zero(f"run outputs: {output_dir}")
     return metrics, {"trainer": trainer, "model": model, "datamodule": datamodule}
+
+
+def use_checkpoint_config(cfg: DictConfig, ckpt_path: Path | None) -> None:
+    """A run given a checkpoint (a resumed fit, or ``train=false`` to test it) goes on with the
+    model, data and loss it was trained with, as eval does: the resume command names none of
+    them, and the defaults would continue it on another split or target. Groups and keys named
+    on the command line still win."""
+    if ckpt_path is None:
+        return
+    stored = (read_checkpoint(ckpt_path, mmap=True).get(CHECKPOINT_KEY) or {}).get("config")
+    if stored:
+        apply_stored_config(cfg, stored, command_line_overrides())
+        log.info("model, data and loss as stored in %s (with this command line's overrides)", ckpt_path)
 
 
 def carry_csv_columns(trainer: L.Trainer) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from elinspect.eval import evaluate
 from elinspect.models.anomaly.semacnn import SemaCnnModule
@@ -201,6 +201,30 @@ def test_a_run_never_writes_over_earlier_checkpoints(make_cfg) -> None:
     with pytest.raises(OutputExistsError, match="ckpt_path=last"):
         train(cfg)
     assert earlier.read_bytes() == b"an earlier run"
+
+
+def test_a_resumed_run_goes_on_with_the_checkpoints_data_and_model(make_cfg) -> None:
+    """``python -m elinspect.train ckpt_path=<last.ckpt>`` (the README's resume command) names
+    no data options: the run must go on with the split and target it was trained on, not the
+    defaults, and the checkpoints it writes must hold the config it ran with."""
+    trained_on = ["data.threshold=0.33", "data.num_folds=4", "data.fold=2"]
+    first = make_cfg("train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], *trained_on])
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    resume = [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "trainer.max_epochs=2", f"ckpt_path={last}"]
+    resume.append("data.augment.rotate_p=0.25")  # a key named on the command line still wins
+    cfg = make_cfg("train.yaml", resume)
+    assert cfg.data.threshold == 0 and cfg.data.num_folds is None  # the defaults, before the run
+    _, objects = train(cfg)
+    assert objects["trainer"].current_epoch == 2  # it did resume and train its second epoch
+    assert objects["datamodule"].protocol.startswith("stratified fold 2 of 4 as test")
+    assert "defective if p > 0.33" in objects["datamodule"].protocol
+    resumed_last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    stored = resumed_last[CHECKPOINT_KEY]["config"]["data"]
+    written = OmegaConf.to_container(OmegaConf.load(Path(cfg.paths.output_dir) / "config.yaml").data)
+    assert stored == written
+    assert (stored["threshold"], stored["num_folds"], stored["fold"]) == (0.33, 4, 2)
+    assert stored["augment"]["rotate_p"] == 0.25
 
 
 def test_wandb_offline_run_holds_the_logged_metric(make_cfg) -> None:

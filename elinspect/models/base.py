@@ -147,4 +147,7 @@ class ElinspectModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.run_config = checkpoint.get(CHECKPOINT_KEY, {}).get("config")
+        # a model built by a run keeps that run's config (a resumed fit's checkpoints must say
+        # what it ran with); one built without a run takes the stored one
+        if self.run_config is None:
+            self.run_config = checkpoint.get(CHECKPOINT_KEY, {}).get("config")
