@@ -227,6 +227,29 @@ def test_a_resumed_run_goes_on_with_the_checkpoints_data_and_model(make_cfg) -> 
     assert stored["augment"]["rotate_p"] == 0.25
 
 
+def test_early_stopping_waits_for_semacnns_classifier(make_cfg) -> None:
+    """SeMaCNN's first epoch fits PaDiM and logs its monitor as NaN (the classifier is untrained,
+    so no checkpoint may rank it); early stopping must not take that NaN for a diverged run and
+    end the fit before the classifier has trained."""
+    overrides = [
+        "model=semacnn",
+        *fast_model_overrides("semacnn"),
+        "model.classifier_epochs=2",
+        "callbacks=[default,early_stopping]",
+        "callbacks.early_stopping.patience=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "logger=csv",
+        *FAST_DATA_OVERRIDES["elpv"],
+    ]
+    cfg = make_cfg("train.yaml", overrides)
+    _, objects = train(cfg)
+    trainer = objects["trainer"]
+    assert trainer.current_epoch == 3  # the PaDiM fit and both classifier epochs ran
+    assert not trainer.checkpoint_callback.best_model_path.endswith("epoch_000.ckpt")
+
+
 def test_wandb_offline_run_holds_the_logged_metric(make_cfg) -> None:
     cfg = make_cfg("train.yaml", [*SHORT_RUN[:-1], *FAST_DATA_OVERRIDES["elpv"], "logger=wandb"])
     with open_dict(cfg):

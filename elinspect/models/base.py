@@ -108,6 +108,12 @@ class ElinspectModule(L.LightningModule):
         maps without a unit (each is drawn on its own scale)."""
         return None
 
+    def scores_monitor(self) -> bool:
+        """Whether this epoch's ``monitor`` value scores the model; false where a model logs a
+        placeholder (SeMaCNN's NaN in its PaDiM fit epoch), which early stopping then skips
+        (:class:`elinspect.callbacks.early_stopping.EarlyStopping`)."""
+        return True
+
     def stage_epochs(self) -> dict[str, int] | None:
         """The epochs each training stage takes, in order, when the model's stages fix the length
         of a fit (SeMaCNN's PaDiM fit and classifier, GAN-AE's generator, encoder and

@@ -155,6 +155,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
             )
         self._scale_batch: list[Tensor] = []  # normal images of stage 1 kept for the scale
         self._classifier_untrained = False  # set for the validation of the fit epoch
+        self._unscored_epoch: int | None = None  # the epoch whose monitor is a NaN placeholder
         self._fit_epoch: int | None = None  # the epoch that fitted PaDiM (None after a resume)
 
     # ------------------------------------------------------------- the torch model's parts
@@ -322,6 +323,11 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
             self._classifier_untrained = False
             if not self.trainer.sanity_checking:
                 self.log(self.monitor, float("nan"))
+                self._unscored_epoch = self.current_epoch
+
+    def scores_monitor(self) -> bool:
+        """False in the PaDiM fit epoch, whose monitor is the NaN placeholder."""
+        return self.current_epoch != self._unscored_epoch
 
     def on_test_epoch_end(self) -> None:
         self._log_pixel_auroc("test")
