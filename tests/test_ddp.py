@@ -507,6 +507,52 @@ def test_detector_test_metrics_of_a_checkpoint_equal_under_ddp(tmp_path: Path, d
     assert_single_outputs(ddp)
 
 
+def _detection_metrics_on_rank(rank: int, world: int, port: int, results: dict) -> None:
+    import torch.distributed as dist
+
+    from elinspect.metrics.detection import DetectionConfusionMatrix, DetectionMetrics
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    box = torch.tensor([[10.0, 10.0, 40.0, 40.0]])
+    no_box = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    metrics, confusion = DetectionMetrics(["crack"]), DetectionConfusionMatrix(num_classes=1)
+    for i in torch.utils.data.DistributedSampler(range(5), num_replicas=world, rank=rank, shuffle=False):
+        target = {
+            **(no_box if i == 0 else {"boxes": box + i, "labels": torch.tensor([1])}),
+            "image_id": torch.tensor(i),
+        }
+        pred = {
+            "boxes": box + i,
+            "labels": torch.tensor([1]),
+            "scores": torch.tensor([0.9 if i == 0 else 0.6]),
+        }
+        metrics.update([pred], [target])
+        confusion.update([pred], [target])
+    results[rank] = (float(metrics.compute()["map_50"]), confusion.compute().tolist())
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_detection_metrics_gathered_over_ranks_count_a_padded_image_once() -> None:
+    """Two gloo ranks over 5 images: the sampler serves [0, 2, 4] and [1, 3, 0]; the gathered
+    mAP and confusion counts are those of the 5 images (image 0 a false positive once)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_detection_metrics_on_rank, args=(2, port, results), nprocs=2)
+        results = dict(results)
+    for map_50, matrix in results.values():
+        assert map_50 == pytest.approx(0.8)  # precision 4/5 at every recall, not 4/6
+        assert matrix == [[4, 0], [1, 0]]  # 4 boxes found, 1 false positive
+
+
 GANAE = ["model=ganae", "model.image_size=32", "model.base_channels=4"]
 GANAE += ["model.generator_epochs=1", "model.encoder_epochs=1", "model.n_critic=1"]
 

@@ -237,6 +237,34 @@ def test_confusion_matrix_counts_hand_made_case() -> None:
     assert torch.equal(matrix.compute(), 2 * expected)
 
 
+def test_detection_metrics_count_each_image_once_when_a_ddp_sampler_repeats_some() -> None:
+    """Under DDP, Lightning's DistributedSampler pads the ranks with repeated images (5 images on
+    2 ranks: [0, 2, 4] and [1, 3, 0]) and the metrics gather both copies; each image must count
+    once, by its ``image_id``, or a repeated false positive lowers mAP."""
+    box = torch.tensor([[10.0, 10.0, 40.0, 40.0]])
+    no_box = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    targets = [
+        {**(no_box if i == 0 else {"boxes": box, "labels": torch.tensor([1])}), "image_id": torch.tensor(i)}
+        for i in range(5)
+    ]
+    # image 0, defect-free: a confident false positive; images 1–4: their box found at a lower score
+    preds = [
+        {"boxes": box, "labels": torch.tensor([1]), "scores": torch.tensor([0.9 if i == 0 else 0.6])}
+        for i in range(5)
+    ]
+    gathered = [0, 1, 2, 3, 4, 0]  # the ranks' copies, as torchmetrics gathers them
+    once, repeated = DetectionMetrics(CLASSES), DetectionMetrics(CLASSES)
+    once.update(preds, targets)
+    repeated.update([preds[i] for i in gathered], [targets[i] for i in gathered])
+    assert once.compute()["map_50"] == pytest.approx(0.8)  # precision 4/5 at every recall
+    assert repeated.compute()["map_50"] == pytest.approx(0.8)  # not 4/6
+    matrices = DetectionConfusionMatrix(num_classes=3), DetectionConfusionMatrix(num_classes=3)
+    matrices[0].update(preds, targets)
+    matrices[1].update([preds[i] for i in gathered], [targets[i] for i in gathered])
+    assert int(matrices[0].compute()[3, 0]) == 1  # one false positive (row background)
+    assert torch.equal(matrices[1].compute(), matrices[0].compute())
+
+
 # --- module ---------------------------------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ from torchmetrics import Metric
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_iou
 
+from elinspect.metrics.repeats import counted_once
 from elinspect.plots import confusion_figure, save_figure
 
 BACKGROUND = "background"
@@ -74,8 +75,41 @@ def metric_preds(preds: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
     return [{"boxes": p["boxes"], "scores": p["scores"], "labels": p["labels"]} for p in preds]
 
 
-def _mean_ap(**kwargs) -> MeanAveragePrecision:
-    metric = MeanAveragePrecision(
+def image_ids(targets: Sequence[dict[str, Tensor]]) -> list[int]:
+    """Each target's ``image_id`` (its index in the split), -1 where it has none."""
+    return [int(t["image_id"]) if t.get("image_id") is not None else -1 for t in targets]
+
+
+class MeanAPOncePerImage(MeanAveragePrecision):
+    """torchmetrics' ``MeanAveragePrecision`` that scores each ``image_id`` once: the images a
+    DDP sampler repeats (:mod:`elinspect.metrics.repeats`) are dropped after the states are
+    gathered. Every per-image state is a list with one entry per image, gathered alike."""
+
+    image_ids: list[Tensor]
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("image_ids", default=[], dist_reduce_fx=None)
+
+    def update(
+        self, preds: list[dict[str, Tensor]], target: list[dict[str, Tensor]], ids: Sequence[int]
+    ) -> None:
+        super().update(preds, target)
+        self.image_ids.extend(torch.tensor(i, dtype=torch.int64, device=self.device) for i in ids)
+
+    def compute(self) -> dict[str, Tensor]:
+        if self.image_ids:
+            keep = counted_once(torch.stack(self.image_ids)).tolist()
+            if not all(keep):
+                for name, default in self._defaults.items():
+                    values = getattr(self, name)
+                    if isinstance(default, list) and len(values) == len(keep):
+                        setattr(self, name, [v for v, kept in zip(values, keep, strict=True) if kept])
+        return super().compute()
+
+
+def _mean_ap(**kwargs) -> MeanAPOncePerImage:
+    metric = MeanAPOncePerImage(
         box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", class_metrics=True, **kwargs
     )
     # a detector may return more boxes per image than COCO's 100 (the EBBA setting keeps
@@ -96,6 +130,7 @@ class DetectionMetrics(nn.Module):
 
     A class without any (non-difficult) ground-truth box in the evaluated data has no AP
     (COCO reports -1); its per-class entries are left out. ``class_names[i - 1]`` names label ``i``.
+    Each ``image_id`` counts once (a DDP sampler's repeats are dropped).
     """
 
     def __init__(self, class_names: Sequence[str]) -> None:
@@ -105,9 +140,10 @@ class DetectionMetrics(nn.Module):
         self.iou50 = _mean_ap(iou_thresholds=[0.5])
 
     def update(self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]) -> None:
+        ids = image_ids(targets)
         preds, targets = metric_preds(preds), metric_targets(targets)
-        self.coco.update(preds, targets)
-        self.iou50.update(preds, targets)
+        self.coco.update(preds, targets, ids)
+        self.iou50.update(preds, targets, ids)
 
     @property
     def updated(self) -> bool:
@@ -179,35 +215,40 @@ def confusion_counts(
 
 
 class DetectionConfusionMatrix(Metric):
-    """Confusion counts at IoU ``iou_threshold`` summed over images (see :func:`confusion_counts`).
+    """Confusion counts at IoU ``iou_threshold`` summed over images (see :func:`confusion_counts`),
+    each ``image_id`` once (a DDP sampler's repeats are dropped).
 
     ``compute()`` returns the ``(C + 1) × (C + 1)`` int64 matrix: rows true class, columns
     predicted class, last row / column background.
     """
 
     full_state_update = False
-    matrix: Tensor
+    image_counts: list[Tensor]
+    image_ids: list[Tensor]
 
     def __init__(self, num_classes: int, iou_threshold: float = 0.5, score_threshold: float = 0.5) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.iou_threshold = iou_threshold
         self.score_threshold = score_threshold
-        self.add_state(
-            "matrix",
-            default=torch.zeros(num_classes + 1, num_classes + 1, dtype=torch.int64),
-            dist_reduce_fx="sum",
-        )
+        # one entry per image, gathered over ranks alike, so that repeats can be dropped
+        self.add_state("image_counts", default=[], dist_reduce_fx=None)
+        self.add_state("image_ids", default=[], dist_reduce_fx=None)
 
     def update(self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]) -> None:
-        for pred, target in zip(preds, targets, strict=True):
+        for pred, target, image_id in zip(preds, targets, image_ids(targets), strict=True):
             counts = confusion_counts(
                 pred, target, self.num_classes, self.iou_threshold, self.score_threshold
             )
-            self.matrix += counts.to(self.matrix.device)
+            self.image_counts.append(counts.to(self.device))
+            self.image_ids.append(torch.tensor(image_id, dtype=torch.int64, device=self.device))
 
     def compute(self) -> Tensor:
-        return self.matrix
+        size = self.num_classes + 1
+        if not self.image_counts:
+            return torch.zeros(size, size, dtype=torch.int64, device=self.device)
+        keep = counted_once(torch.stack(self.image_ids))
+        return torch.stack(self.image_counts)[keep].sum(dim=0)
 
 
 def save_confusion_matrix(

@@ -35,7 +35,6 @@ import logging
 from typing import ClassVar
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import CatMetric
@@ -43,6 +42,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from elinspect.data.resumable import ResumableDataLoader
 from elinspect.metrics.pixel import PixelAuroc, pixel_auroc_value
+from elinspect.metrics.repeats import first_occurrences
 from elinspect.models.anomaly.scoring import check_finite_scores
 from elinspect.models.anomaly.thresholds import best_f1_threshold, threshold_metrics, to_unit_interval
 from elinspect.models.base import ElinspectModule
@@ -86,12 +86,6 @@ def log_pixel_auroc(module: L.LightningModule, metric: PixelAuroc, split: str) -
 
 # the predict step's name of each field of a torch model's result
 PREDICT_KEYS = {"score": "scores", "anomaly_map": "anomaly_maps", "reconstruction": "reconstructions"}
-
-
-def first_occurrences(values: Tensor) -> Tensor:
-    """Positions of the first occurrence of each distinct value of a 1-d tensor, in order."""
-    _, first = np.unique(values.cpu().numpy(), return_index=True)
-    return torch.as_tensor(np.sort(first), dtype=torch.long, device=values.device)
 
 
 def predict_outputs(result: AnomalyResult | Reconstruction) -> dict[str, Tensor]:
