@@ -18,7 +18,7 @@ from torchvision.ops import DeformConv2d
 from elinspect.losses import FocalLoss
 from elinspect.models.backbones.resnet import DeformableConv2d, build_resnet_body
 from elinspect.models.detection.backbone_with_neck import BackboneWithNeck
-from elinspect.models.detection.builder import build_faster_rcnn
+from elinspect.models.detection.builder import build_faster_rcnn, make_anchor_generator
 from elinspect.models.detection.necks import NECKS, build_neck, register_neck
 from elinspect.models.detection.roi_heads import LOSS_KEYS, LossRoIHeads, detection_losses
 
@@ -421,3 +421,29 @@ def test_a_random_rescale_before_the_detector_is_refused_with_the_multi_scale_ad
 
     with pytest.raises(ValueError, match=r"min_size=\["):
         detection_augmentation(scale_limit=0.1)
+
+
+def test_boxes_keep_their_sub_pixel_coordinates_under_bf16_autocast() -> None:
+    """Under ``bf16-mixed`` (``trainer=gpu``) the heads' outputs are bfloat16, which holds 8
+    significant bits: boxes decoded (and anchors made) in it land on multiples of 2 px between
+    256 and 512 and of 4 px above — thin cracks lose their width. Anchors and box decoding stay
+    float32, so proposals and detections are those of the bf16 heads' regression, unrounded."""
+    torch.manual_seed(0)
+    model = small_model(min_size=600, max_size=600, box_score_thresh=0.0).eval()
+    image = torch.rand(3, 600, 600, generator=torch.Generator().manual_seed(0))
+    proposals: list[torch.Tensor] = []
+    model.rpn.register_forward_hook(lambda m, args, out: proposals.extend(out[0]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        boxes = model([image])[0]["boxes"]
+    for name, values in (("proposals", torch.cat(proposals)), ("detections", boxes)):
+        assert values.dtype == torch.float32, name
+        inside = values[(values > 300) & (values < 590)]  # clipped ones sit at 0 and 600
+        assert len(inside) > 20, name
+        assert (inside != inside.round()).float().mean() > 0.5, f"{name} rounded to whole pixels"
+
+    anchor_maps = [torch.zeros(1, 8, 150, 150), torch.zeros(1, 8, 75, 75)]
+    image_list = torchvision.models.detection.image_list.ImageList(torch.zeros(1, 3, 600, 600), [(600, 600)])
+    generator = make_anchor_generator(((32,), (256,)), (0.5, 1.0, 2.0))
+    full = generator(image_list, anchor_maps)[0]
+    half = generator(image_list, [m.bfloat16() for m in anchor_maps])[0]
+    assert half.dtype == torch.float32 and torch.equal(half, full)

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
 from elinspect.models.backbones import build_body, input_normalisation
 from elinspect.models.detection.backbone_with_neck import BackboneWithNeck
+from elinspect.models.detection.float32_boxes import Float32AnchorGenerator, decode_boxes_in_float32
 from elinspect.models.detection.heads import build_box_heads
 from elinspect.models.detection.necks import build_neck
 from elinspect.models.detection.roi_heads import LossRoIHeads
@@ -83,8 +83,9 @@ def neck_output_names(neck: nn.Module, in_channels_list: Sequence[int]) -> list[
 
 def make_anchor_generator(
     anchor_sizes: Sequence[Sequence[int]], aspect_ratios: Sequence[float] | Sequence[Sequence[float]]
-) -> AnchorGenerator:
-    """torchvision's ``AnchorGenerator``; flat ``aspect_ratios`` are used for every level."""
+) -> Float32AnchorGenerator:
+    """torchvision's ``AnchorGenerator`` (making anchors in float32 under mixed precision,
+    :mod:`~elinspect.models.detection.float32_boxes`); flat ``aspect_ratios`` are used for every level."""
     sizes = tuple(tuple(int(s) for s in level) for level in anchor_sizes)
     if all(isinstance(r, int | float) for r in aspect_ratios):
         ratios = (tuple(float(r) for r in aspect_ratios),) * len(sizes)
@@ -95,7 +96,7 @@ def make_anchor_generator(
     per_location = {len(s) * len(r) for s, r in zip(sizes, ratios, strict=True)}
     if len(per_location) != 1:
         raise ValueError("every level needs the same number of anchors per location (one RPN head is shared)")
-    return AnchorGenerator(sizes, ratios)
+    return Float32AnchorGenerator(sizes, ratios)
 
 
 def build_faster_rcnn(
@@ -192,4 +193,5 @@ def build_faster_rcnn(
             cascade_stage_weights=tuple(cascade_stage_weights),
             context=None if context is None else dict(context),
         )
+    decode_boxes_in_float32(model)  # bf16 would round boxes to whole pixels (or 2, 4, 8)
     return model
