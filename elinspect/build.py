@@ -79,10 +79,18 @@ def build_datamodule_and_model(cfg: DictConfig) -> tuple[L.LightningDataModule, 
     info: DatasetInfo = datamodule.info
     log.info("instantiating model <%s>", cfg.model._target_)
     model = build_model(cfg.model, effective_loss_config(cfg), info)
-    model.run_config = stored_config(cfg)
     extra_inputs = set(getattr(model, "extra_inputs", ()))
     if extra_inputs:  # e.g. RDDN's aligned templates or defect-free samples beside each image
         datamodule.request_inputs(extra_inputs)
+        served: DatasetInfo = datamodule.info
+        if served != info:  # images skipped for a missing input: count what the model trains on
+            log.info(
+                "rebuilding the model on the training split left after the skips (class counts %s, were %s)",
+                list(served.class_counts),
+                list(info.class_counts),
+            )
+            model = build_model(cfg.model, effective_loss_config(cfg), served)
+    model.run_config = stored_config(cfg)
     return datamodule, model
 
 

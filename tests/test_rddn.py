@@ -625,3 +625,32 @@ def test_unknown_options_are_refused() -> None:
             template="none",
             generators=PseudoTemplateGenerator([64, 128, 256, 512], hidden_channels=4),
         )
+
+
+def test_sdfl_weighs_the_classes_by_the_boxes_left_after_a_template_skip(
+    make_cfg, tianchi_data_factory, tmp_path
+) -> None:
+    """A training image without its aligned template is skipped (``on_error=skip``) when the
+    model asks for templates; SDFL's class weights (and the checkpoint's class counts) must
+    count the boxes the model trains on, not those of the skipped image too."""
+    import shutil
+
+    from elinspect.build import build_datamodule_and_model
+    from elinspect.data.detection import NO_TEMPLATE
+    from elinspect.losses.sdfl import alpha_from_counts
+
+    root = shutil.copytree(tianchi_data_factory("fabric"), tmp_path / "Fabric")
+    overrides = ["model=rddn", "model.template=pre", "loss=sdfl", "data=fabric", f"data.root='{root}'"]
+    overrides += ["data.image_size=64", "data.num_workers=0", "data.test_size=4", "data.on_error=skip"]
+    cfg = make_cfg("train.yaml", [*overrides, *FAST_DETECTOR_OVERRIDES])
+    before, _ = build_datamodule_and_model(cfg)
+    boxed = max(before.records["train"], key=lambda r: r.num_boxes)
+    boxed.template_path.unlink()
+
+    datamodule, module = build_datamodule_and_model(cfg)
+    assert datamodule.tally.counts[NO_TEMPLATE] == 1
+    kept = datamodule.box_counts("train")
+    assert sum(kept) == sum(before.box_counts("train")) - boxed.num_boxes
+    loss = module.model.roi_heads.classification_loss
+    torch.testing.assert_close(loss.alpha, alpha_from_counts(kept, loss.m, loss.gamma))
+    assert tuple(module.hparams["dataset"]["class_counts"]) == tuple(kept)
