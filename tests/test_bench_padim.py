@@ -40,3 +40,21 @@ def test_an_efficientnet_lite_gets_the_same_strides_in_both(bench) -> None:
     resnet = Namespace(backbone="resnet18", layers=["layer1", "layer2", "layer3"])
     assert bench.elinspect_layers(resnet) == ["layer1", "layer2", "layer3"]
     assert bench.anomalib_backbone(resnet) == ("resnet18", ["layer1", "layer2", "layer3"])
+
+
+@pytest.fixture(scope="module")
+def update_bench():
+    yield from experiment_script("bench_padim_update")
+
+
+def test_the_update_bench_times_both_checkouts_and_gives_their_ratio(update_bench, capsys) -> None:
+    from tests.conftest import REPO
+
+    update_bench.main(["--checkouts", str(REPO), str(REPO), "--pairs", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2
+    for row in rows:
+        a, b, ratio = (float(cell) for cell in row.strip("|").split("|")[1:])
+        assert a > 0 and b > 0 and ratio == pytest.approx(a / b, rel=0.01)
+    assert "as fast as A (median of 2 pairs" in out
