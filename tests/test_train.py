@@ -250,6 +250,20 @@ def test_early_stopping_waits_for_semacnns_classifier(make_cfg) -> None:
     assert not trainer.checkpoint_callback.best_model_path.endswith("epoch_000.ckpt")
 
 
+@pytest.mark.parametrize("model", ["ganae", "autoencoder"])
+def test_early_stopping_for_a_model_without_a_monitored_metric_is_a_short_error(make_cfg, model: str) -> None:
+    """GAN-AE and the autoencoder monitor nothing (``monitor: null``: their last epoch is tested),
+    so early stopping has no metric to follow: a config error naming the model, not a
+    Lightning traceback after the first epoch."""
+    cfg = make_cfg(
+        "train.yaml",
+        [f"model={model}", *fast_model_overrides(model), "callbacks=[default,early_stopping]", "logger=csv"]
+        + FAST_DATA_OVERRIDES["elpv"],
+    )
+    with pytest.raises(ConfigError, match=f"(?i)early stopping.*model.monitor is null for {model}"):
+        train(cfg)
+
+
 def test_wandb_offline_run_holds_the_logged_metric(make_cfg) -> None:
     cfg = make_cfg("train.yaml", [*SHORT_RUN[:-1], *FAST_DATA_OVERRIDES["elpv"], "logger=wandb"])
     with open_dict(cfg):
