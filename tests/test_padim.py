@@ -227,6 +227,23 @@ def test_sums_handed_out_mid_fit_go_on_to_the_same_fit(monkeypatch: pytest.Monke
     )
 
 
+def test_the_gpus_gathered_triangle_and_the_cpus_rows_give_the_same_sums(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``update`` adds a batch's packed triangle row by row on a CPU and by one gather on a GPU;
+    both must give the same sums (the gather path run here on the CPU)."""
+    import elinspect.models.anomaly.padim as padim_code
+
+    gen = torch.Generator().manual_seed(3)
+    batches = [2 + torch.randn(4, 16, 5, generator=gen) for _ in range(3)]
+    rows, gathered = Padim(feature_size=4, k=5), Padim(feature_size=4, k=5)
+    fit_on_embeddings(rows, batches, monkeypatch)
+    monkeypatch.setattr(padim_code, "gathers_packed", lambda device: True)
+    fit_on_embeddings(gathered, batches, monkeypatch)
+    for ours, theirs in zip(gathered.sums(), rows.sums(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 def test_finalize_needs_two_images() -> None:
     model = Padim(**SMALL)
     with pytest.raises(RuntimeError, match="at least 2 images, got 0"):
