@@ -46,7 +46,7 @@ from elinspect.build import (
     save_resolved_config,
 )
 from elinspect.models.base import CHECKPOINT_KEY
-from elinspect.utils.checkpoint import check_checkpoint, read_checkpoint, resolve_checkpoint
+from elinspect.utils.checkpoint import check_checkpoint
 from elinspect.utils.errors import ConfigError, UserError, user_errors
 from elinspect.utils.library_warnings import silence_library_warnings
 from elinspect.utils.outputs import ensure_writable_dir, guard_output_dir
@@ -96,8 +96,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("train"):
         guard_output_dir(output_dir, cfg.get("ckpt_path"))
     ensure_writable_dir(output_dir)
-    check_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints")
-    use_checkpoint_config(cfg, resolve_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints"))
+    use_checkpoint_config(cfg, check_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     save_resolved_config(cfg, output_dir)
@@ -133,17 +132,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, {"trainer": trainer, "model": model, "datamodule": datamodule}
 
 
-def use_checkpoint_config(cfg: DictConfig, ckpt_path: Path | None) -> None:
+def use_checkpoint_config(cfg: DictConfig, checkpoint: dict[str, Any] | None) -> None:
     """A run given a checkpoint (a resumed fit, or ``train=false`` to test it) goes on with the
     model, data and loss it was trained with, as eval does: the resume command names none of
     them, and the defaults would continue it on another split or target. Groups and keys named
     on the command line still win."""
-    if ckpt_path is None:
-        return
-    stored = (read_checkpoint(ckpt_path, mmap=True).get(CHECKPOINT_KEY) or {}).get("config")
+    stored = ((checkpoint or {}).get(CHECKPOINT_KEY) or {}).get("config")
     if stored:
         apply_stored_config(cfg, stored, command_line_overrides())
-        log.info("model, data and loss as stored in %s (with this command line's overrides)", ckpt_path)
+        log.info("model, data and loss as stored in %s (with this command line's overrides)", cfg.ckpt_path)
 
 
 def carry_csv_columns(trainer: L.Trainer) -> None:

@@ -78,12 +78,12 @@ def resolve_checkpoint(ckpt_path: str | Path | None, checkpoint_dir: str | Path)
     return candidates[-1] if candidates else None
 
 
-def check_checkpoint(ckpt_path: str | Path | None, checkpoint_dir: str | Path) -> None:
+def check_checkpoint(ckpt_path: str | Path | None, checkpoint_dir: str | Path) -> dict[str, Any] | None:
     """Refuse to resume from an unsafe or unreadable checkpoint, before Lightning reads it.
 
     Call with the run's ``ckpt_path`` and its checkpoint directory; ``None`` (no resume) and a
-    ``last`` without any ``last*.ckpt`` (Lightning then starts afresh) pass.
+    ``last`` without any ``last*.ckpt`` (Lightning then starts afresh) pass and give ``None``.
+    Returns the checkpoint read (its tensors mapped, not loaded), e.g. for its stored config.
     """
     path = resolve_checkpoint(ckpt_path, checkpoint_dir)
-    if path is not None:
-        read_checkpoint(path, mmap=True)
+    return None if path is None else read_checkpoint(path, mmap=True)
