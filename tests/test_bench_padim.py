@@ -58,3 +58,19 @@ def test_the_update_bench_times_both_checkouts_and_gives_their_ratio(update_benc
         a, b, ratio = (float(cell) for cell in row.strip("|").split("|")[1:])
         assert a > 0 and b > 0 and ratio == pytest.approx(a / b, rel=0.01)
     assert "as fast as A (median of 2 pairs" in out
+
+
+@pytest.fixture(scope="module")
+def folding_bench():
+    yield from experiment_script("bench_folding")
+
+
+def test_the_folding_bench_times_both_bodies_on_the_same_outputs(folding_bench) -> None:
+    args = ["--backbone", "resnet18", "--weights", "none", "--stages", "1", "2", "--image-size", "32"]
+    args += ["--batch-size", "2", "--pairs", "3", "--warmup", "1"]
+    result = folding_bench.measure(folding_bench.parse_args(args))
+    assert result["built_s"] > 0 and result["folded_s"] > 0
+    assert result["ratio_min"] <= result["ratio"] <= result["ratio_max"]
+    assert result["relative_difference"] < 1e-4  # the same maps, to float rounding
+    row = folding_bench.table(folding_bench.parse_args(args), result).splitlines()[-1]
+    assert row.startswith("| resnet18 (none), stages [1, 2]") and f"**{result['ratio']:.2f}×**" in row

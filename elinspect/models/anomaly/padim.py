@@ -75,6 +75,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from elinspect.models.anomaly.scoring import gaussian_blur_separable
 from elinspect.models.backbones import IMAGENET_NORMALISATION, build_body, input_normalisation
+from elinspect.models.backbones.folding import fold_for_inference, fold_state_dict
 from elinspect.models.results import AnomalyResult
 from elinspect.utils.errors import ConfigError
 from elinspect.utils.weights import load_weights
@@ -180,6 +181,16 @@ def _keep_normalisation_of_older_fits(
         )
 
 
+def _fold_batch_norms_of_older_saves(
+    module: Padim, state_dict: MutableMapping[str, Any], prefix: str, *args: Any
+) -> None:
+    """A state dict saved before the backbone's batch norms were folded (commit after
+    58d22a2) holds them apart: they are folded into its convolutions as the module's were."""
+    folded = fold_state_dict(state_dict, prefix + "extractor.", module.folded_pairs)
+    if folded:
+        log.info("folded %d batch norms of a PaDiM saved before its backbone was folded", folded)
+
+
 def _mark_fitted_after_load(module: Padim, incompatible_keys: object) -> None:
     module._fitted = bool(module.fitted)
 
@@ -239,9 +250,14 @@ class Padim(nn.Module):
             self.layers = tuple(layers)
             self.extractor = create_feature_extractor(net, return_nodes={name: name for name in self.layers})
             norm_mean, norm_std = IMAGENET_NORMALISATION  # torchvision's classification weights
-        # channels-last: the frozen backbone's convolutions run 1.4–2× faster on CPU (oneDNN;
-        # EfficientNet-Lite0, 224 px, batch 16: 0.19 s against 0.32 s), the same values
-        self.extractor.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        # The backbone is frozen for good: its batch norms are folded into the convolutions and
+        # TF "same" padding into the kernels (folding.py; checked on a probe, the same maps).
+        # Channels-last: its convolutions run 1.4–2× faster on CPU (oneDNN; EfficientNet-Lite0,
+        # 224 px, batch 16: 0.19 s against 0.32 s), the same values.
+        self.extractor.eval().requires_grad_(False)
+        generator = torch.Generator().manual_seed(0)
+        self.folded_pairs = fold_for_inference(self.extractor, torch.randn(2, 3, 64, 64, generator=generator))
+        self.extractor.to(memory_format=torch.channels_last)
         with torch.no_grad():
             probe = self.extractor(torch.zeros(1, 3, 64, 64))
         self.feature_dims = sum(probe[name].shape[1] for name in self.layers)
@@ -280,6 +296,7 @@ class Padim(nn.Module):
         self.register_buffer("tril_cols", cols, persistent=False)
         self._fitted = False
         self.register_load_state_dict_pre_hook(_keep_normalisation_of_older_fits)
+        self.register_load_state_dict_pre_hook(_fold_batch_norms_of_older_saves)
         self.register_load_state_dict_post_hook(_mark_fitted_after_load)
         # where each row of the packed triangle starts: row i holds (i, i), …, (i, k − 1)
         self._row_starts = [i * k - i * (i - 1) // 2 for i in range(k + 1)]
