@@ -22,6 +22,11 @@ Choices (the papers leave them open; each one is a parameter):
   so the same localisation, and D = 176 still exceeds k = 100. Node names of
   ``torchvision.models.feature_extraction.get_graph_node_names`` (``layer1`` …) still work
   with any torchvision classification builder.
+* The backbone never trains, so it is **folded** once when the model is built
+  (:mod:`elinspect.models.backbones.folding`): batch norms into the convolutions before them,
+  TensorFlow's "same" padding into the kernels — the same maps to float rounding, checked on
+  a probe; 1.6× as fast for the Lite0 (``experiments/results/bench_padim.md``). A state dict
+  saved before (commit a6b6d07) is folded as it loads.
 * Features are resized to ``feature_size`` bilinearly (PaDiM's code repeats pixels,
   ``interpolation="nearest"``).
 * The Gaussian is fitted by **streaming sums**: :meth:`update` adds Σx (P×k) and Σxxᵀ
@@ -184,8 +189,8 @@ def _keep_normalisation_of_older_fits(
 def _fold_batch_norms_of_older_saves(
     module: Padim, state_dict: MutableMapping[str, Any], prefix: str, *args: Any
 ) -> None:
-    """A state dict saved before the backbone's batch norms were folded (commit after
-    58d22a2) holds them apart: they are folded into its convolutions as the module's were."""
+    """A state dict saved before the backbone's batch norms were folded (before commit
+    a6b6d07) holds them apart: they are folded into its convolutions as the module's were."""
     folded = fold_state_dict(state_dict, prefix + "extractor.", module.folded_pairs)
     if folded:
         log.info("folded %d batch norms of a PaDiM saved before its backbone was folded", folded)
