@@ -14,11 +14,11 @@ fill and copy 16 %.
   which torchvision's ResNets and timm's EfficientNets define and call them; what the batch
   norm did after normalising (timm's ``BatchNormAct2d``: dropout, activation) stays.
 * **"Same" padding in the kernel**: TensorFlow pads a strided convolution by
-  ``total = max((⌈n/s⌉ − 1)·s + k − n, 0)`` per axis, ``⌊total/2⌋`` before and the rest after
-  (timm's ``Conv2dSame`` copies the input into a padded tensor for it). Where ``total`` is
+  ``total = max((⌈n/s⌉ − 1)·s + k − n, 0)`` per axis (timm's ``get_same_padding``), ``⌊total/2⌋``
+  before and the rest after (timm's ``Conv2dSame`` copies the input into a padded tensor for it). Where ``total`` is
   odd, the same outputs come from a kernel one tap longer whose first tap is zero, with
   ``⌈total/2⌉`` zeros on both sides — which the convolution itself pads, without a copy of
-  its input. On the Lite0's stride-2 depthwise convolution at 112² it ran 6× as fast.
+  its input.
 
 :func:`fold_for_inference` does both and checks the result on a probe input against the
 network before; where they differ (a network whose batch norm does not read the convolution
@@ -28,12 +28,11 @@ registered before it), it puts every module back and folds nothing.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import MutableMapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from timm.layers import Conv2dSame
+from timm.layers import Conv2dSame, get_same_padding
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
@@ -49,11 +48,6 @@ class FoldedPair(NamedTuple):
     eps: float
 
 
-def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> int:
-    """TensorFlow's total "same" padding of one axis of ``size`` (timm's ``get_same_padding``)."""
-    return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-
-
 class SamePaddingConv2d(nn.Conv2d):
     """A convolution with TensorFlow's "same" padding, padded by the convolution itself.
 
@@ -64,7 +58,9 @@ class SamePaddingConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         weight, padding = self.weight, []
         for axis, size in enumerate(x.shape[-2:]):
-            total = same_padding(int(size), self.kernel_size[axis], self.stride[axis], self.dilation[axis])
+            total = get_same_padding(
+                int(size), self.kernel_size[axis], self.stride[axis], self.dilation[axis]
+            )
             padding.append((total + 1) // 2)
             if total % 2:  # one more zero after than before: a leading zero tap takes the extra one
                 weight = F.pad(weight, (1, 0) if axis == 1 else (0, 0, 1, 0))
