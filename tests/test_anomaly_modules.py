@@ -258,6 +258,34 @@ def test_the_heatmap_scale_comes_from_unaugmented_training_normals() -> None:
     assert module.extra_inputs == {"unaugmented"}
 
 
+def padded_batch(images: torch.Tensor, repeat: list[bool]) -> dict[str, torch.Tensor]:
+    """A training batch of normal images as a DDP training loader serves it: ``repeat`` marks
+    the images it serves again only to pad its rank (elinspect.data.sharding)."""
+    labels = torch.zeros(len(images)).long()
+    return {"image": images, "label": labels, "repeat": torch.tensor(repeat)}
+
+
+def test_padim_fits_each_image_once_when_a_ddp_loader_pads_with_repeats() -> None:
+    """The Gaussian and the logged image count leave out the padding: a batch of 8 whose last
+    3 are repeats fits as the 5 images alone."""
+    torch.manual_seed(0)
+    images = next(iter(toy_loader(8, seed=0)))["image"]
+    module = PadimModule(Padim(**SMALL), INFO)
+    alone = copy.deepcopy(module.padim)  # the same (random) backbone
+    assert module.padim_update(padded_batch(images, [False] * 5 + [True] * 3)) == 5
+    alone.update(images[:5])
+    for got, expected in zip(module.padim.sums(), alone.sums(), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_the_heatmap_scale_leaves_out_the_padding_of_a_ddp_loader() -> None:
+    torch.manual_seed(0)
+    plain = next(iter(toy_loader(8, seed=0)))["image"]
+    module = semacnn(scale_images=8)
+    module._keep_for_scale(padded_batch(plain, [True] + [False] * 7))
+    assert torch.equal(torch.cat(module._scale_batch), plain[1:])
+
+
 def test_a_checkpoint_between_the_stages_loads_at_stage_two(semacnn_stage_one) -> None:
     module, _, path = semacnn_stage_one
     fresh = semacnn()

@@ -3,11 +3,12 @@ defaults, and DDP correctness on CPU with two gloo processes.
 
 What "correct" means here, and why the two runs can be equal at all:
 
-* every split is read whole by both runs, and its size is a multiple of the world size (2), so
-  Lightning's DistributedSampler neither pads nor duplicates an image (a split of odd size
-  would get one image twice); where a split is cut with ``limit_test_batches``, the DDP run
-  takes k batches of B per rank and the single run 2k batches of B: the sampler deals the
-  images round-robin, so both see the same first 2kB images;
+* every image counts once (elinspect.data.sharding): evaluation splits are dealt to the ranks
+  without repeats, and the repeats that pad a training shard are left out of the statistics a
+  model takes once over the split (PaDiM's fit, GAN-AE's threshold), so splits of any size
+  compare (the ``ODD_*`` tests use odd ones); where a split is cut with ``limit_test_batches``,
+  the DDP run takes k batches of B per rank and the single run 2k batches of B: the sampler
+  deals the images round-robin, so both see the same first 2kB images;
 * PaDiM's fit does not depend on the batching: its Gaussian comes from sums over the images,
   reduced over the ranks before it is finalised;
 * for trained models the test metrics of one checkpoint are compared (``train=false
@@ -29,6 +30,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pandas as pd
@@ -224,6 +226,78 @@ def test_auto_loader_settings_follow_the_machine(monkeypatch, folder_data_factor
     )
 
 
+def served_indices(dm: FolderDataModule, split: str, world: int) -> list[list[int]]:
+    """The dataset indices each of ``world`` ranks' ``split`` loader serves (a stand-in trainer)."""
+    served = []
+    for rank in range(world):
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=rank, num_devices=world, overfit_batches=0)
+        loader = dm.predict_dataloader() if split == "predict" else getattr(dm, f"{split}_dataloader")()
+        served.append([int(i) for batch in loader for i in batch["index"]])
+    dm.trainer = None
+    return served
+
+
+@pytest.mark.parametrize("split", ["val", "test", "predict"])
+def test_evaluation_loaders_under_ddp_serve_each_image_once(folder_data_factory, split: str) -> None:
+    """Lightning's DistributedSampler pads the ranks to one size with images already served
+    (7 images on 2 ranks: [0, 2, 4, 6] and [1, 3, 5, 0]), and every gathered metric — the
+    classifier's accuracy and AUROC, pixel AUROC — would count those twice. Evaluation loaders
+    deal each rank its share of the split instead: over the ranks, each image exactly once."""
+    dm = FolderDataModule(
+        root=str(folder_data_factory()), image_size=32, num_workers=0, batch_size=2,
+        train_normal_only=False, val_fraction=0.25, test_fraction=0.25,
+    )  # fmt: skip
+    dm.setup()
+    (whole,) = served_indices(dm, split, world=1)
+    assert len(whole) % 2 == 1 and len(set(whole)) == len(whole)  # odd: padding would repeat one
+    served = served_indices(dm, split, world=2)
+    assert sorted(served[0] + served[1]) == sorted(whole)
+    assert [len(part) for part in served] == [(len(whole) + 1) // 2, len(whole) // 2]
+
+
+def test_the_training_loader_under_ddp_pads_as_lightning_does_and_flags_the_repeats(
+    folder_data_factory, monkeypatch
+) -> None:
+    """Training keeps Lightning's padded shards (the same images in the same order, so every
+    rank has as many batches), and marks the padding ``repeat`` for the statistics a model
+    takes once over the split (PaDiM's fit, GAN-AE's threshold)."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    dm = FolderDataModule(
+        root=str(folder_data_factory()), image_size=32, num_workers=0, batch_size=4,
+        train_normal_only=True, val_fraction=0.2, test_fraction=0.25,
+    )  # fmt: skip
+    dm.setup()
+    dataset = dm.dataset("train")
+    assert len(dataset) % 3 != 0  # 3 ranks cannot share it evenly
+    once, repeats = [], []
+    for rank in range(3):
+        dm.trainer = SimpleNamespace(world_size=3, global_rank=rank, num_devices=3, overfit_batches=0)
+        batches = list(dm.train_dataloader())
+        served = [(int(i), bool(r)) for b in batches for i, r in zip(b["index"], b["repeat"], strict=True)]
+        lightning = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=3, rank=rank, shuffle=True, seed=7
+        )
+        assert [dataset[i]["index"] for i in lightning] == [i for i, _ in served]
+        once += [i for i, repeat in served if not repeat]
+        repeats += [i for i, repeat in served if repeat]
+    assert sorted(once) == sorted(dataset[i]["index"] for i in range(len(dataset)))
+    assert len(repeats) == -len(dataset) % 3 and set(repeats) <= set(once)
+
+
+def test_an_evaluation_split_smaller_than_the_world_keeps_lightnings_sampler(folder_data_factory) -> None:
+    """Dealing 1 image to 2 ranks would leave one rank without a batch (DDP needs one on every
+    rank): such a split keeps the plain loader, which Lightning shards (with a repeat)."""
+    dm = FolderDataModule(
+        root=str(folder_data_factory()), image_size=32, num_workers=0, batch_size=2,
+        train_normal_only=False, val_fraction=0.25, test_fraction=0.25,
+    )  # fmt: skip
+    dm.setup()
+    dm.trainer = SimpleNamespace(
+        world_size=len(dm.dataset("test")) + 1, global_rank=0, num_devices=1, overfit_batches=0
+    )
+    assert not isinstance(dm.test_dataloader().sampler, torch.utils.data.DistributedSampler)
+
+
 def test_every_data_config_sizes_its_loaders_to_the_machine() -> None:
     """One mechanism for every dataset: ``num_workers: auto`` and ``pin_memory: auto``."""
     for name in group_options("data"):
@@ -394,6 +468,31 @@ def test_classifier_test_metrics_of_a_checkpoint_equal_under_ddp(folder_runs) ->
     assert not (ddp / "checkpoints").exists()  # an evaluation writes no checkpoint
 
 
+ODD_TRAINING = ["data.val_fraction=0.2", "data.test_fraction=0.25"]  # 11 normals of 20 train (PaDiM)
+ODD_SPLITS = {  # 28 images: val 7 and test 7 (train_normal_only=false), or val 9 and test 9 (true)
+    "classifier": ["model=classifier", "trainer.max_epochs=1", "data.train_normal_only=false"],
+    "padim": ["model=padim", "model.padim.feature_size=8", "model.padim.k=10", "data.mask_dir=masks"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["classifier", "padim"])
+def test_a_checkpoint_tests_the_same_under_ddp_on_splits_of_odd_size(folder_runs, model: str) -> None:
+    """Splits that 2 ranks cannot share evenly: Lightning's sampler would serve one validation
+    and one test image twice and the gathered metrics would count it twice; each image counts
+    once, so two processes evaluating a checkpoint give one process's numbers, pixel AUROC too."""
+    root, tmp = folder_runs["root"], folder_runs["tmp"]
+    data = folder_overrides(root, "data.batch_size=2", "data.val_fraction=0.25", "data.test_fraction=0.25")
+    single = run_train(tmp / f"odd-{model}-single", *ODD_SPLITS[model], *data)
+    last = ["train=false", f"ckpt_path='{single / 'checkpoints' / 'last.ckpt'}'"]
+    ddp = run_train(tmp / f"odd-{model}-ddp", *ODD_SPLITS[model], *data, *last, *CPU_DDP)
+    expected, got = logged_metrics(single), logged_metrics(ddp)
+    names = [f"test/{name}" for name in CLASSIFICATION_METRICS]
+    names += ["test/pixel_auroc"] if model == "padim" else []
+    for name in names:  # the backbone's float rounding depends on the threads per process
+        assert got[name] == pytest.approx(expected[name], abs=1e-5), name
+
+
 def padim_buffers(run: Path) -> dict[str, torch.Tensor]:
     state = load_state(run / "checkpoints" / "last.ckpt")
     return {k: v for k, v in state.items() if k.split(".")[-1] in ("mean", "inv_cholesky", "threshold")}
@@ -405,7 +504,8 @@ def test_padim_fit_and_test_metrics_equal_under_ddp(folder_runs, strategy: str) 
     """The whole PaDiM run through the entry point: the fitted Gaussian in the checkpoint, the
     validation threshold (chosen on the gathered scores) and the test metrics."""
     root, tmp = folder_runs["root"], folder_runs["tmp"]
-    data = folder_overrides(root, "data.batch_size=4", "data.mask_dir=masks")
+    # 11 training normals: the ranks' training shards are padded with a repeat, left out of the fit
+    data = folder_overrides(root, "data.batch_size=4", "data.mask_dir=masks", *ODD_TRAINING)
     model = ["model=padim", "model.padim.feature_size=8", "model.padim.k=10", "trainer.max_epochs=1"]
     if "padim" not in folder_runs["runs"]:
         folder_runs["runs"]["padim"] = run_train(tmp / "padim-single", *model, *data)
@@ -415,15 +515,15 @@ def test_padim_fit_and_test_metrics_equal_under_ddp(folder_runs, strategy: str) 
     assert expected.keys() == got.keys() and len(got) == 3
     # the channels-last backbone's convolutions (oneDNN) sum in an order that depends on the
     # process's threads (one per rank here): the features differ by float rounding (the means
-    # by up to 4e-6), which the inverse Cholesky factor of a 12-image covariance lifts to 6e-5
+    # by up to 4e-6), which the inverse Cholesky factor of an 11-image covariance lifts to 6e-5
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=2e-4, msg=key)
     expected, got = logged_metrics(single), logged_metrics(ddp)
-    assert got["train/normal_images"] == expected["train/normal_images"] == 12
+    assert got["train/normal_images"] == expected["train/normal_images"] == 11
     for name in CLASSIFICATION_METRICS:
         assert got[f"test/{name}"] == pytest.approx(expected[f"test/{name}"], abs=1e-6), name
     # every pixel's score moves with the Gaussian's float sums (summed in another order across
-    # ranks, equal to rtol 1e-4 above): the pixel AUROC of 8 test maps moves in the 6th decimal
+    # ranks, equal to rtol 1e-4 above): the pixel AUROC of 9 test maps moves in the 6th decimal
     assert got["test/pixel_auroc"] == pytest.approx(expected["test/pixel_auroc"], abs=1e-5)
     assert_single_outputs(ddp, {"epoch_000.ckpt", "last.ckpt"})
 

@@ -547,6 +547,23 @@ def test_the_threshold_is_calibrated_on_unaugmented_training_normals(tmp_path: P
     assert float(module.threshold) != pytest.approx(percentile_threshold(augmented_scores, 95), rel=1e-3)
 
 
+def test_the_threshold_counts_each_training_normal_once_when_a_ddp_loader_pads(tmp_path: Path) -> None:
+    """Under DDP the training loader pads a rank with images already served (flagged
+    ``repeat``, elinspect.data.sharding): the percentile is taken over each normal once."""
+    torch.manual_seed(0)
+    plain = torch.cat([b["image"] for b in toy_loader(24, 0, seed=0)])
+    items = [{"image": p, "label": torch.tensor(0), "repeat": torch.tensor(False)} for p in plain]
+    items += [{**item, "repeat": torch.tensor(True)} for item in items[:8]]  # served again
+    module = ganae(generator_epochs=1, encoder_epochs=1)
+    fit = trainer(tmp_path, module)
+    fit.fit(module, DataLoader(items, batch_size=8), toy_loader(8, 8, seed=50))
+    with torch.no_grad():
+        scores, _ = module.eval().net(plain)[:2]
+    assert float(module.threshold) == pytest.approx(percentile_threshold(scores, 95), rel=1e-4)
+    padded = torch.cat([scores, scores[:8]])
+    assert float(module.threshold) != pytest.approx(percentile_threshold(padded, 95), rel=1e-3)
+
+
 def test_without_calibration_nothing_extra_is_asked_of_the_data() -> None:
     assert ganae(threshold="f1").extra_inputs == frozenset()
 

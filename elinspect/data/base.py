@@ -6,7 +6,12 @@ which every data config extends) pass through a datamodule's ``**loader`` to thi
 ``num_workers: auto`` and ``pin_memory: auto`` (the data configs' defaults) are sized to the
 machine when the loaders are made (:func:`~elinspect.utils.speed.auto_num_workers`: up to 4
 workers, one CPU per training process left free; pinned memory only when batches go to a CUDA
-device); workers persist across epochs whenever there are any."""
+device); workers persist across epochs whenever there are any.
+
+Under DDP every image counts once (:mod:`elinspect.data.sharding`): the validation, test and
+predict loaders deal each rank its share of the split without the repeats that Lightning's
+sampler pads with, and the training loader, padded as Lightning would pad it, marks its repeats
+(``repeat`` in each sample) for the statistics that a model computes once over the split."""
 
 from __future__ import annotations
 
@@ -18,8 +23,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from elinspect.data.errors import OnError
 from elinspect.data.resumable import ResumableDataLoader
+from elinspect.data.sharding import FlagRepeats, evaluation_sampler, training_sampler
 from elinspect.utils.errors import ConfigError
 from elinspect.utils.speed import auto_num_workers, auto_pin_memory
+
+
+def shards_loaders(trainer: Any) -> bool:
+    """Whether the trainer hands loaders distributed samplers (``use_distributed_sampler``,
+    True unless the user turned it off)."""
+    connector = getattr(trainer, "_accelerator_connector", None)
+    return bool(getattr(connector, "use_distributed_sampler", True))
 
 
 class LoaderArgs(TypedDict, total=False):
@@ -94,9 +107,18 @@ class SplitDataModule(L.LightningDataModule):
         trainer = self.trainer
         if split == "train" and (trainer is None or trainer.world_size == 1):
             # order, position and seed in every checkpoint: exact resume (elinspect.data.resumable);
-            # under DDP Lightning's distributed sampler must shard the plain loader instead
+            # under DDP the loaders are sharded instead (elinspect.data.sharding)
             return ResumableDataLoader(self.dataset(split), **kwargs)
-        return DataLoader(self.dataset(split), shuffle=split == "train", **kwargs)
+        dataset = self.dataset(split)
+        if trainer is not None and trainer.world_size > 1 and shards_loaders(trainer):
+            ranks = {"world_size": trainer.world_size, "rank": trainer.global_rank}
+            if split == "train":
+                sampler = training_sampler(dataset, shuffle=not trainer.overfit_batches, **ranks)
+                return DataLoader(FlagRepeats(dataset), sampler=sampler, **kwargs)
+            sampler = evaluation_sampler(dataset, **ranks)
+            if sampler is not None:
+                return DataLoader(dataset, sampler=sampler, **kwargs)
+        return DataLoader(dataset, shuffle=split == "train", **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

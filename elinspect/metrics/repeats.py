@@ -1,9 +1,11 @@
 """Images that a distributed sampler repeats, counted once.
 
-Under DDP, Lightning gives validation and test loaders a ``DistributedSampler``, which pads
-every rank to the same number of images by repeating the first ones of the split (5 images on
-2 ranks: [0, 2, 4] and [1, 3, 0]). Metrics gathered over the ranks then hold those images
-twice; keeping each image's first occurrence, by its index in the split, counts it once.
+Under DDP, Lightning's ``DistributedSampler`` pads every rank to the same number of images by
+repeating the first ones of the split (5 images on 2 ranks: [0, 2, 4] and [1, 3, 0]). elinspect's
+datamodules deal validation and test splits without repeats (:mod:`elinspect.data.sharding`);
+these guards still count an image once where a loader does repeat one (a split with fewer images
+than ranks, a loader of one's own): metrics gathered over the ranks keep each image's first
+occurrence, by its index in the split.
 """
 
 from __future__ import annotations

@@ -464,13 +464,14 @@ class GanAeModule(AnomalyModule):
     def _calibration_step(self, batch: dict[str, Tensor]) -> None:
         """Score the batch's training normals, unaugmented, with the final model (no optimiser step)."""
         self._restore_resumed_scores()
-        normal = defect_free(batch)
-        x = self.net.prepare(unaugmented_normal_images(batch))
-        with torch.no_grad():
-            scores = self.net.combine(self.net.analyse(x))
-        check_finite_scores(scores, batch, "GAN-AE calibration", selected=normal)
-        self.train_scores.update(scores)
-        self._calibration_seen += len(x)
+        normal = defect_free(batch, once=True)  # each image once: not DDP's padding repeats
+        if normal.any():
+            x = self.net.prepare(unaugmented_normal_images(batch, once=True))
+            with torch.no_grad():
+                scores = self.net.combine(self.net.analyse(x))
+            check_finite_scores(scores, batch, "GAN-AE calibration", selected=normal)
+            self.train_scores.update(scores)
+            self._calibration_seen += len(x)
         if not self.trainer.fast_dev_run:
             count_step_without_optimizer(self.trainer)
 

@@ -120,10 +120,11 @@ class PadimFitMixin:
             )
 
     def padim_update(self, batch: dict[str, Tensor]) -> int:
-        """Add the batch's defect-free images to the running sums; returns how many."""
+        """Add the batch's defect-free images to the running sums, each image once (not the
+        repeats a DDP training loader pads with); returns how many."""
         if getattr(self, "_resumed_sums", None) is not None:  # the first batch after a mid-fit resume
             self._restore_resumed_sums()
-        normal = normal_images(batch)
+        normal = normal_images(batch, once=True)  # DDP's padding repeats are left out
         if len(normal):
             self.padim.update(normal)
         return len(normal)

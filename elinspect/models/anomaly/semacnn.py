@@ -216,7 +216,7 @@ class SemaCnnModule(PadimFitMixin, ElinspectModule):
     def _keep_for_scale(self, batch: dict[str, Tensor]) -> None:
         kept = sum(len(t) for t in self._scale_batch)
         if kept < self.scale_images:
-            normal = unaugmented_normal_images(batch)[: self.scale_images - kept]
+            normal = unaugmented_normal_images(batch, once=True)[: self.scale_images - kept]
             if len(normal):
                 self._scale_batch.append(normal.detach())
 
