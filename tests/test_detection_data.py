@@ -370,3 +370,21 @@ def test_configs_build_the_datamodules(make_cfg, fast_data_overrides, data: str)
         assert list(info.class_names) == BAF3
     images, targets = next(iter(dm.train_dataloader()))
     assert len(images) == len(targets) == 2
+
+
+def test_a_detection_training_loader_under_ddp_serves_images_and_targets(detection_data) -> None:
+    """Under DDP the training shard is read through elinspect.data.sharding's flagging wrapper,
+    which marks only dict samples: a detection batch stays (images, targets), and over two
+    ranks every training image is served (one padded repeat where the count is odd)."""
+    from types import SimpleNamespace
+
+    dm = pvel(detection_data.pvel_root, batch_size=2)
+    size = len(dm.dataset("train"))
+    ids = []
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, num_devices=2, overfit_batches=0)
+        for images, targets in dm.train_dataloader():
+            assert all(isinstance(image, torch.Tensor) and image.ndim == 3 for image in images)
+            assert all("boxes" in target and "repeat" not in target for target in targets)
+            ids += [int(target["image_id"]) for target in targets]
+    assert len(ids) == size + size % 2 and len(set(ids)) == size
