@@ -182,6 +182,27 @@ def test_bad_label_rows_name_the_file_and_line(tmp_path: Path, bad_line: str, me
     assert len(skipped) == 4
 
 
+@pytest.mark.parametrize(
+    ("written", "level"), [("0.333", 1 / 3), ("0.3333", 1 / 3), ("0.667", 2 / 3), ("0.6666", 2 / 3)]
+)
+def test_a_probability_written_rounded_counts_as_its_level(
+    tmp_path: Path, written: str, level: float
+) -> None:
+    """A labels.csv with probabilities rounded to 3-4 decimals (a re-saved export) labels each
+    cell by the level it stands for, under every threshold and rule, as the full-precision file."""
+    root = repository_copy(tmp_path, n=4)
+    labels = root / "labels.csv"
+    rows = [line.split() for line in labels.read_text().splitlines()]
+    rows[0][1] = written
+    labels.write_text("".join(f"{path}  {prob}  {kind}\n" for path, prob, kind in rows))
+    probability = read_labels(root).probability
+    assert probability[0] == level
+    for threshold in (0.0, 0.33, 1 / 3, 0.66, 2 / 3):
+        for rule in ("gt", "ge"):
+            exact = make_targets(np.array([level]), "binary", threshold, rule)
+            assert make_targets(probability[:1], "binary", threshold, rule).tolist() == exact.tolist()
+
+
 def test_missing_labels_file_explains_the_layout(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="labels.csv"):
         read_labels(tmp_path)

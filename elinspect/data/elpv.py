@@ -125,11 +125,13 @@ def read_labels(
             problem = f"probability {prob_text!r:.50} is not a number"
             tally.report(DatasetError(where, problem), "malformed row")
             continue
-        if not any(abs(prob - level) < 1e-3 for level in PROBABILITY_LEVELS):
+        level = min(PROBABILITY_LEVELS, key=lambda level: abs(prob - level))
+        if abs(prob - level) >= 1e-3:
             tally.report(
                 DatasetError(where, f"probability {prob} is not one of 0, 1/3, 2/3, 1"), "bad probability"
             )
             continue
+        prob = level  # a value written rounded (0.333, 0.6667) is the level it stands for
         if module_type not in MODULE_TYPES:
             problem = f"module type {module_type!r:.50} is not mono or poly"
             tally.report(DatasetError(where, problem), "bad type")
