@@ -39,8 +39,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from omegaconf import OmegaConf, open_dict, read_write
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from elinspect.build import build_datamodule_and_model, build_trainer, trainer_arguments
 from elinspect.data.folder import FolderDataModule
@@ -610,7 +611,7 @@ def test_detector_test_metrics_of_a_checkpoint_equal_under_ddp(tmp_path: Path, d
     assert_single_outputs(ddp)
 
 
-def _detection_metrics_on_rank(rank: int, world: int, port: int, results: dict) -> None:
+def _detection_metrics_on_rank(rank: int, world: int, port: int, sampler: str, results: dict) -> None:
     import torch.distributed as dist
 
     from elinspect.metrics.detection import DetectionConfusionMatrix, DetectionMetrics
@@ -620,7 +621,8 @@ def _detection_metrics_on_rank(rank: int, world: int, port: int, results: dict) 
     box = torch.tensor([[10.0, 10.0, 40.0, 40.0]])
     no_box = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     metrics, confusion = DetectionMetrics(["crack"]), DetectionConfusionMatrix(num_classes=1)
-    for i in torch.utils.data.DistributedSampler(range(5), num_replicas=world, rank=rank, shuffle=False):
+    samplers = {"padded": DistributedSampler, "unrepeated": UnrepeatedDistributedSampler}
+    for i in samplers[sampler](range(5), num_replicas=world, rank=rank, shuffle=False):
         target = {
             **(no_box if i == 0 else {"boxes": box + i, "labels": torch.tensor([1])}),
             "image_id": torch.tensor(i),
@@ -637,9 +639,12 @@ def _detection_metrics_on_rank(rank: int, world: int, port: int, results: dict) 
 
 
 @pytest.mark.slow
-def test_detection_metrics_gathered_over_ranks_count_a_padded_image_once() -> None:
-    """Two gloo ranks over 5 images: the sampler serves [0, 2, 4] and [1, 3, 0]; the gathered
-    mAP and confusion counts are those of the 5 images (image 0 a false positive once)."""
+@pytest.mark.parametrize("sampler", ["padded", "unrepeated"])
+def test_detection_metrics_gathered_over_ranks_count_each_image_once(sampler: str) -> None:
+    """Two gloo ranks over 5 images: torch's padded sampler serves [0, 2, 4] and [1, 3, 0];
+    the evaluation loaders' unrepeated one (:mod:`elinspect.data.sharding`) serves [0, 2, 4]
+    and [1, 3], so the ranks hold different numbers of images. Either way the gathered mAP and
+    confusion counts are those of the 5 images (image 0 a false positive once)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -649,7 +654,7 @@ def test_detection_metrics_gathered_over_ranks_count_a_padded_image_once() -> No
         port = probe.getsockname()[1]
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_detection_metrics_on_rank, args=(2, port, results), nprocs=2)
+        mp.spawn(_detection_metrics_on_rank, args=(2, port, sampler, results), nprocs=2)
         results = dict(results)
     for map_50, matrix in results.values():
         assert map_50 == pytest.approx(0.8)  # precision 4/5 at every recall, not 4/6

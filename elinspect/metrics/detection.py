@@ -34,8 +34,10 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.detection import MeanAveragePrecision
@@ -80,10 +82,34 @@ def image_ids(targets: Sequence[dict[str, Tensor]]) -> list[int]:
     return [int(t["image_id"]) if t.get("image_id") is not None else -1 for t in targets]
 
 
-class MeanAPOncePerImage(MeanAveragePrecision):
+class GathersImageLists(Metric):
+    """A metric whose states are lists with one entry per image, gathered over the ranks as
+    whole lists.
+
+    torchmetrics gathers a list state without a reduction one entry at a time, one collective
+    per image; ranks holding different numbers of images (the evaluation loaders deal a split
+    without repeats, :mod:`elinspect.data.sharding`) would then pair different images' tensors,
+    or abort or hang. Here each rank's lists travel together as one object (on the CPU) and come
+    back concatenated in rank order; the entries of one image stay aligned across the states.
+    """
+
+    def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any | None = None) -> None:
+        group = process_group or self.process_group
+        names = list(self._defaults)
+        if not all(isinstance(self._defaults[name], list) for name in names):
+            raise TypeError(f"{type(self).__name__}: every state must be a per-image list")
+        local = {name: [t.detach().cpu() for t in getattr(self, name)] for name in names}
+        gathered: list[dict[str, list[Tensor]] | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, local, group=group)
+        for name in names:
+            setattr(self, name, [t.to(self.device) for part in gathered for t in part[name]])
+
+
+class MeanAPOncePerImage(GathersImageLists, MeanAveragePrecision):
     """torchmetrics' ``MeanAveragePrecision`` that scores each ``image_id`` once: the images a
     DDP sampler repeats (:mod:`elinspect.metrics.repeats`) are dropped after the states are
-    gathered. Every per-image state is a list with one entry per image, gathered alike."""
+    gathered. Every per-image state is a list with one entry per image, gathered alike
+    (:class:`GathersImageLists`: ranks may hold different numbers of images)."""
 
     image_ids: list[Tensor]
 
@@ -214,7 +240,7 @@ def confusion_counts(
     return counts
 
 
-class DetectionConfusionMatrix(Metric):
+class DetectionConfusionMatrix(GathersImageLists):
     """Confusion counts at IoU ``iou_threshold`` summed over images (see :func:`confusion_counts`),
     each ``image_id`` once (a DDP sampler's repeats are dropped).
 
