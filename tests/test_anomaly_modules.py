@@ -24,7 +24,7 @@ from elinspect.drawing import heatmap_overlay
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimModule
 from elinspect.models.anomaly.semacnn import SemaCnnModule
-from elinspect.models.anomaly.thresholds import best_f1_threshold
+from elinspect.models.anomaly.thresholds import best_f1_threshold, threshold_metrics
 from elinspect.models.classification import ImageClassifier
 from tests.conftest import f1_at, f1_threshold_by_hand
 from tests.test_padim import add_dark_blob, smooth_textures
@@ -95,6 +95,22 @@ def fitted_padim(tmp_path_factory: pytest.TempPathFactory) -> tuple[PadimModule,
     fit = trainer(max_epochs=3, enable_checkpointing=True, callbacks=[checkpoints])
     fit.fit(module, toy_loader(12, seed=0, shuffle=True), toy_loader(12, seed=50))
     return module, fit, Path(checkpoints.best_model_path)
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_auroc_of_a_split_with_one_class_is_left_out_not_zero(label: int, caplog) -> None:
+    """AUROC is undefined on a split of normal images only (a user's check of false alarms) or
+    of defects only: it is not reported (torchmetrics would give 0.0), with a warning; the
+    thresholded metrics stay."""
+    scores = torch.tensor([0.1, 0.4, 0.8, 0.9])
+    labels = torch.full((4,), label)
+    with caplog.at_level("WARNING"):
+        metrics = threshold_metrics(scores, labels, 0.5, "test/")
+    assert "test/auroc" not in metrics
+    assert "test/auroc is undefined" in caplog.text
+    assert float(metrics["test/acc"]) == 0.5
+    both = threshold_metrics(scores, torch.tensor([0, 0, 1, 1]), 0.5, "test/")
+    assert float(both["test/auroc"]) == 1.0 and float(both["test/acc"]) == 1.0
 
 
 def test_padim_fits_on_the_normal_images_in_one_epoch(fitted_padim) -> None:

@@ -7,6 +7,8 @@ applies it).
 
 from __future__ import annotations
 
+import logging
+
 import cv2
 import numpy as np
 import torch
@@ -26,6 +28,8 @@ __all__ = [
     "threshold_metrics",
     "to_unit_interval",
 ]
+
+log = logging.getLogger(__name__)
 
 OTSU_LEVELS = 256
 
@@ -88,13 +92,22 @@ def to_unit_interval(scores: Tensor) -> Tensor:
 
 
 def threshold_metrics(scores: Tensor, labels: Tensor, threshold: float, prefix: str) -> dict[str, Tensor]:
-    """``{prefix}{auroc,acc,f1,precision,recall}`` of "defective if score ≥ threshold"."""
+    """``{prefix}{auroc,acc,f1,precision,recall}`` of "defective if score ≥ threshold".
+
+    AUROC is undefined where the labels hold one class (a split of normal images only, say):
+    it is left out with a warning, not reported as torchmetrics' 0.0."""
     target = (labels > 0).long()
     preds = (scores >= threshold).long()
-    return {
-        f"{prefix}auroc": binary_auroc(to_unit_interval(scores), target),
+    metrics = {
         f"{prefix}acc": binary_accuracy(preds, target),
         f"{prefix}f1": binary_f1_score(preds, target),
         f"{prefix}precision": binary_precision(preds, target),
         f"{prefix}recall": binary_recall(preds, target),
     }
+    defects = int(target.sum())
+    if 0 < defects < len(target):
+        metrics[f"{prefix}auroc"] = binary_auroc(to_unit_interval(scores), target)
+    else:
+        kind = "defective" if defects else "normal"
+        log.warning("%sauroc is undefined: all %d images are %s; not reported", prefix, len(target), kind)
+    return metrics
