@@ -435,6 +435,30 @@ def test_every_mode_head_and_context_trains_and_detects(
     assert module.val_metrics.updated
 
 
+@pytest.mark.parametrize("template", ["none", "pre"])
+def test_validation_losses_are_logged_as_epoch_means_over_every_rank(template: str, monkeypatch) -> None:
+    """With ``val_loss`` the validation batches log ``val/loss`` (the sum) and each part, all
+    reduced over the ranks (``sync_dist``), as the plain detector logs them."""
+    torch.manual_seed(0)
+    module = tiny_module(template)
+    module.val_loss = True
+    logged: dict[str, tuple[torch.Tensor, dict]] = {}
+    monkeypatch.setattr(
+        module, "log_dict", lambda values, **kw: logged.update({k: (v, kw) for k, v in values.items()})
+    )
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.update({name: (value, kw)}))
+    module.eval()
+    with torch.no_grad():
+        module.validation_step(samples(), 0)
+    parts = {k: v for k, (v, _) in logged.items() if k.startswith("val/loss_")}
+    assert {"val/loss_classifier", "val/loss_box_reg", "val/loss_objectness", "val/loss_rpn_box_reg"} <= set(
+        parts
+    )
+    assert float(logged["val/loss"][0]) == pytest.approx(float(sum(parts.values())))
+    for name, (_, kw) in logged.items():
+        assert kw.get("sync_dist") is True and kw.get("on_epoch") is True, name
+
+
 def test_extra_inputs_of_every_mode() -> None:
     expected = {
         "none": set(),

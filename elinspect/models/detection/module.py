@@ -164,20 +164,19 @@ class DetectionModule(ElinspectModule):
         if split == "test":
             self.test_confusion.update(preds, targets)
         if split == "val" and self.val_loss:
-            losses = detection_losses(self.model, list(images), model_targets(targets))
-            size = len(images)
-            self.log(
-                "val/loss",
-                sum(losses.values()),
-                on_epoch=True,
-                prog_bar=True,
-                batch_size=size,
-                sync_dist=True,
-            )
-            self.log_dict(
-                {f"val/{k}": v for k, v in losses.items()}, on_epoch=True, batch_size=size, sync_dist=True
+            self.log_validation_losses(
+                detection_losses(self.model, list(images), model_targets(targets)), len(images)
             )
         return preds
+
+    def log_validation_losses(self, losses: dict[str, Tensor], size: int) -> None:
+        """``val/loss`` (their sum) and each ``val/<loss>``, epoch means over every rank."""
+        self.log(
+            "val/loss", sum(losses.values()), on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True
+        )
+        self.log_dict(
+            {f"val/{k}": v for k, v in losses.items()}, on_epoch=True, batch_size=size, sync_dist=True
+        )
 
     def validation_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Tensor]]:
         """Returns the detections, for callbacks (:class:`~elinspect.callbacks.DetectionVisualsCallback`)."""

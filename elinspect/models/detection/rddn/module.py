@@ -189,9 +189,7 @@ class RddnModule(DetectionModule):
                 losses = self.model(
                     list(images), model_targets(targets), templates=references.get("templates")
                 )
-            size = len(images)
-            self.log("val/loss", sum(losses.values()), on_epoch=True, prog_bar=True, batch_size=size)
-            self.log_dict({f"val/{k}": v for k, v in losses.items()}, on_epoch=True, batch_size=size)
+            self.log_validation_losses(losses, len(images))
         return preds
 
     def predict_step(self, batch: Batch | Sequence[Tensor], batch_idx: int) -> list[dict[str, Tensor]]:
