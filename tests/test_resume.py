@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from elinspect.callbacks.checkpoint import RunCheckpoint
 from elinspect.callbacks.finite_loss import SKIPPED_METRIC, FiniteLossGuard, NonFiniteLossError
 from elinspect.callbacks.rng_state import RandomStateCheckpoint
 from elinspect.callbacks.weight_averaging import EmaWeightAveraging
@@ -282,6 +283,48 @@ def fit_tiny(
     except RuntimeError as error:
         assert "simulated crash" in str(error)
     return torch.cat([p.detach().flatten() for p in model.parameters()]), run.global_step
+
+
+class ScriptedScore(Tiny):
+    """Logs ``val/score`` = ``scores[epoch]``: its best epoch is known in advance."""
+
+    scores = (0.9, 0.5, 0.4, 0.3)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/score", self.scores[self.current_epoch])
+
+
+def test_a_run_resumed_into_a_new_directory_keeps_the_best_epoch_before_the_resume(tmp_path: Path) -> None:
+    """The README's resume (``ckpt_path=<old run>/checkpoints/last.ckpt``) writes into a new
+    run directory; epoch 0 (score 0.9) stays the best, and the test loads it, as in an
+    uninterrupted run. The earlier run's checkpoints are left where they are."""
+
+    def fit(
+        directory: Path, epochs: int, ckpt: str | None = None, scores=ScriptedScore.scores
+    ) -> RunCheckpoint:
+        checkpoint = RunCheckpoint(
+            dirpath=directory, monitor="val/score", mode="max", save_top_k=1, save_last=True
+        )
+        module = ScriptedScore()
+        module.scores = scores
+        trainer(checkpoint, max_epochs=epochs, num_sanity_val_steps=0).fit(module, ckpt_path=ckpt)
+        return checkpoint
+
+    first = fit(tmp_path / "run1", 2)
+    best_before = first.best_model_path
+    assert Path(best_before).name == "epoch=0-step=6.ckpt"
+    resumed = fit(tmp_path / "run2", 4, ckpt=str(tmp_path / "run1" / "last.ckpt"))
+    assert resumed.best_model_path == best_before
+    assert float(resumed.best_model_score) == pytest.approx(0.9)
+    assert Path(best_before).is_file() and (tmp_path / "run1" / "last.ckpt").is_file()
+    assert (tmp_path / "run2" / "last.ckpt").is_file()
+    assert not list((tmp_path / "run2").glob("epoch=*"))  # no later epoch beat it
+    # a later epoch that beats it becomes the best, in the new directory; the old file stays
+    better = fit(
+        tmp_path / "run3", 4, ckpt=str(tmp_path / "run1" / "last.ckpt"), scores=(0.9, 0.5, 0.4, 0.95)
+    )
+    assert Path(better.best_model_path) == tmp_path / "run3" / "epoch=3-step=24.ckpt"
+    assert Path(best_before).is_file()
 
 
 @pytest.mark.parametrize(

@@ -12,12 +12,23 @@ the last epoch, quiet under ``fast_dev_run``.
   announces "Logging and checkpointing is suppressed" and skips every periodic save, but its
   ``on_train_end`` writes ``last.ckpt`` when ``save_last`` is on and no save happened yet, so a
   smoke run of a detector would still write a ~250 MB checkpoint.
+* **The ranking survives a resume into a new run directory.** The README's resume,
+  ``ckpt_path=<old run>/checkpoints/last.ckpt``, writes into a new directory; Lightning then keeps
+  only ``best_model_path`` and drops the best score, so the first epoch after the resume became
+  "best" whatever its score, and the test loaded it. :class:`RunCheckpoint` carries the score
+  and the top-k over (same monitor); an earlier run's best stays where it is (Lightning deletes
+  no local checkpoint outside the callback's directory) and is tested if no later epoch beats it.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -44,3 +55,21 @@ class RunCheckpoint(ModelCheckpoint):
         # in a sanity check, outside fit and under fast_dev_run (Lightning's own conditions)
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_dir = state_dict.get("dirpath", self.dirpath)
+        if saved_dir == self.dirpath or state_dict.get("monitor") != self.monitor:
+            super().load_state_dict(state_dict)
+            return
+        self.best_model_path = state_dict["best_model_path"]
+        self.best_model_score = state_dict["best_model_score"]
+        self.best_k_models = dict(state_dict.get("best_k_models", {}))
+        self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
+        self.kth_value = state_dict.get("kth_value", self.kth_value)
+        log.info(
+            "resumed into %s: the checkpoints of %s keep their ranking (best %s: %s)",
+            self.dirpath,
+            saved_dir,
+            self.monitor,
+            None if self.best_model_score is None else float(self.best_model_score),
+        )
