@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from elinspect.build import fit_epochs
 from elinspect.data.resumable import ResumableDataLoader
 from elinspect.losses import MseFeatureLoss, ReconstructionLoss, SsimFeatureLoss
+from elinspect.losses.reconstruction import ssim_per_image
 from elinspect.models.anomaly.ganae import (
     Encoder,
     GanAe,
@@ -579,3 +580,17 @@ def test_a_non_finite_calibration_score_is_an_error_not_a_skipped_image(tmp_path
     ]
     with pytest.raises(NonFiniteScoreError, match=r"GAN-AE calibration.*dataset row 0"):
         trainer(tmp_path, module).fit(module, DataLoader(items, batch_size=8))
+
+
+def test_ssim_stays_float32_under_bf16_autocast() -> None:
+    """Under ``precision=bf16-mixed`` (``trainer=gpu``) the steps run in autocast; SSIM's local
+    variances (E[x²] − μ², from convolutions) lose almost every digit in bf16, which would
+    change eq. 7's score and the encoder's SSIM loss: SSIM is computed in float32 regardless."""
+    g = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(4, 1, 8, 8, generator=g), size=64, mode="bilinear")
+    noisy = (smooth + 0.01 * torch.randn(smooth.shape, generator=g)).clamp(0, 1)
+    exact = ssim_per_image(smooth, noisy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ssim_per_image(smooth, noisy)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=1e-5, atol=1e-5)

@@ -329,6 +329,28 @@ def test_the_separable_blur_is_torchvisions_gaussian_blur(kernel: int, sigma: fl
     torch.testing.assert_close(gaussian_blur_separable(maps, kernel, sigma), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_distances_blur_and_fit_stay_float32_under_bf16_autocast(fitted: Padim, monkeypatch) -> None:
+    """Under ``precision=bf16-mixed`` (``trainer=gpu``) Lightning runs every step in autocast;
+    the Mahalanobis distances, the blurred maps and the fit's Σxxᵀ must not be rounded to bf16
+    (8 bits of mantissa: distances near 10 move by ~0.05, and scores tie)."""
+    g = torch.Generator().manual_seed(0)
+    embeddings = fitted.mean + torch.randn(4, *fitted.mean.shape, generator=g)
+    maps = torch.rand(2, 1, 40, 40, generator=g) * 30
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = fitted.mahalanobis(embeddings), fitted._blur(maps)
+    exact = fitted.mahalanobis(embeddings), fitted._blur(maps)
+    for got, want in zip(mixed, exact, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    batches = [torch.randn(6, 16 * 16, SMALL["k"], generator=g) + 5 for _ in range(2)]
+    plain, mixed_fit = Padim(**SMALL), Padim(**SMALL)
+    fit_on_embeddings(plain, batches, monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fit_on_embeddings(mixed_fit, batches, monkeypatch)
+    torch.testing.assert_close(mixed_fit.sum_xx, plain.sum_xx, rtol=1e-6, atol=1e-4)
+
+
 def test_forward_before_fit_raises() -> None:
     with pytest.raises(RuntimeError, match="fit first"):
         Padim(**SMALL)(torch.rand(1, 3, 64, 64))

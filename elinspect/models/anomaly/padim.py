@@ -409,7 +409,7 @@ class Padim(nn.Module):
     @torch.no_grad()
     def update(self, images: Tensor) -> None:
         """Add a batch of defect-free images to the running sums Σx, Σxxᵀ (packed) and n."""
-        emb = self.embed(images)  # N×P×k float32
+        emb = self.embed(images).float()  # N×P×k
         if self.sum_x is None:
             self._allocate_sums(emb.device)
         if self.shift is None:  # the first batch, or the sums were handed out plain
@@ -419,18 +419,19 @@ class Padim(nn.Module):
             if seen > 0:
                 self._move_sums_to_shift(-1.0)
         shift, starts = self.shift.float(), self._row_starts
-        for start in range(0, self.num_positions, self.chunk_size):
-            part = slice(start, start + self.chunk_size)
-            values = emb[:, part].transpose(0, 1)  # p×N×k
-            self.sum_x[part] += values.sum(dim=1, dtype=torch.float64)
-            centred = values - shift[part].unsqueeze(1)
-            outer = torch.bmm(centred.transpose(1, 2), centred)  # p×k×k, float32
-            packed = self.sum_xx[part]
-            if gathers_packed(outer.device):
-                packed += outer[:, self.triu_rows, self.triu_cols]
-                continue
-            for row in range(self.k):  # the upper triangle's rows, added into float64
-                packed[:, starts[row] : starts[row + 1]] += outer[:, row, row:]
+        with torch.autocast(emb.device.type, enabled=False):  # float32 products under mixed precision too
+            for start in range(0, self.num_positions, self.chunk_size):
+                part = slice(start, start + self.chunk_size)
+                values = emb[:, part].transpose(0, 1)  # p×N×k
+                self.sum_x[part] += values.sum(dim=1, dtype=torch.float64)
+                centred = values - shift[part].unsqueeze(1)
+                outer = torch.bmm(centred.transpose(1, 2), centred)  # p×k×k, float32
+                packed = self.sum_xx[part]
+                if gathers_packed(outer.device):
+                    packed += outer[:, self.triu_rows, self.triu_cols]
+                    continue
+                for row in range(self.k):  # the upper triangle's rows, added into float64
+                    packed[:, starts[row] : starts[row + 1]] += outer[:, row, row:]
         self.count += emb.shape[0]
 
     def _move_sums_to_shift(self, sign: float) -> None:
@@ -505,14 +506,16 @@ class Padim(nn.Module):
         return unpack_lower(self.inv_cholesky[positions], self.k)
 
     def mahalanobis(self, embeddings: Tensor) -> Tensor:
-        """Distances N×P of embeddings N×P×k to the fitted per-position Gaussians."""
+        """Distances N×P of embeddings N×P×k to the fitted per-position Gaussians (float32,
+        autocast or not: bf16 would round distances near 10 by ~0.05, and scores would tie)."""
         n = embeddings.shape[0]
         out = embeddings.new_empty(n, self.num_positions, dtype=torch.float32)
-        for start in range(0, self.num_positions, self.chunk_size):
-            part = slice(start, start + self.chunk_size)
-            delta = (embeddings[:, part].float() - self.mean[part]).transpose(0, 1)  # p×N×k
-            white = torch.bmm(delta, self.inverse_cholesky(part).transpose(1, 2))  # rows are (L⁻¹ δ)ᵀ
-            out[:, part] = white.square().sum(dim=-1).sqrt().transpose(0, 1)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            for start in range(0, self.num_positions, self.chunk_size):
+                part = slice(start, start + self.chunk_size)
+                delta = (embeddings[:, part].float() - self.mean[part]).transpose(0, 1)  # p×N×k
+                white = torch.bmm(delta, self.inverse_cholesky(part).transpose(1, 2))  # rows are (L⁻¹ δ)ᵀ
+                out[:, part] = white.square().sum(dim=-1).sqrt().transpose(0, 1)
         return out
 
     def _blur(self, maps: Tensor) -> Tensor:
@@ -520,7 +523,8 @@ class Padim(nn.Module):
             return maps
         size = 2 * math.ceil(4 * self.blur_sigma) + 1
         size = min(size, 2 * (min(maps.shape[-2:]) - 1) + 1)  # reflect padding needs pad < side
-        return gaussian_blur_separable(maps, size, self.blur_sigma)
+        with torch.autocast(maps.device.type, enabled=False):  # float32, as the distances
+            return gaussian_blur_separable(maps.float(), size, self.blur_sigma)
 
     def forward(self, images: Tensor) -> AnomalyResult:
         """Image scores N (each map's maximum) and anomaly maps N×1×H×W of images in [0, 1]."""
