@@ -48,16 +48,21 @@ def command_line_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def apply_stored_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[str]) -> None:
+def apply_stored_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[str]) -> dict[str, str]:
     """Replace each of model/data/loss by the checkpoint's unless chosen on the command line
-    (``data=…``); a ``group.key=value`` override changes that field of the stored group."""
+    (``data=…``); a ``group.key=value`` override changes that field of the stored group.
+    Returns the checkpoint's choices (``{"model": "classifier", …}``) of the groups replaced."""
     parsed = OverridesParser.create().parse_overrides(overrides)
+    stored_choices = stored.get("choices") or {}
+    restored: dict[str, str] = {}
     for group in STORED_GROUPS:
         if group not in stored:
             continue
         if any(o.key_or_group == group for o in parsed):
             log.info("%s: using the command line's choice, not the checkpoint's", group)
             continue
+        if stored_choices.get(group):
+            restored[group] = stored_choices[group]
         node = OmegaConf.create(stored[group])
         for o in parsed:
             if o.key_or_group.startswith(group + "."):
@@ -70,10 +75,16 @@ def apply_stored_config(cfg: DictConfig, stored: dict[str, Any], overrides: list
                 )
         with open_dict(cfg):
             cfg[group] = node
+    return restored
 
 
-def build_datamodule_and_model(cfg: DictConfig) -> tuple[L.LightningDataModule, ElinspectModule]:
-    check_compatible(cfg, CONFIG_DIR, group_choices())
+def build_datamodule_and_model(
+    cfg: DictConfig, restored_choices: dict[str, str] | None = None
+) -> tuple[L.LightningDataModule, ElinspectModule]:
+    """The datamodule and the model; ``restored_choices``: the groups a checkpoint's config
+    replaced (:func:`apply_stored_config`), named as the checkpoint names them."""
+    choices = {**group_choices(), **(restored_choices or {})}
+    check_compatible(cfg, CONFIG_DIR, choices)
     log.info("instantiating datamodule <%s>", cfg.data._target_)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     info: DatasetInfo = datamodule.info
@@ -90,7 +101,7 @@ def build_datamodule_and_model(cfg: DictConfig) -> tuple[L.LightningDataModule, 
                 list(info.class_counts),
             )
             model = build_model(cfg.model, effective_loss_config(cfg), served)
-    model.run_config = stored_config(cfg)
+    model.run_config = stored_config(cfg, choices)
     return datamodule, model
 
 
@@ -154,12 +165,14 @@ def build_trainer(cfg: DictConfig, model: ElinspectModule | None = None, **overr
     return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, **overrides)
 
 
-def stored_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved model/data/loss config (plain data, loadable with weights_only)."""
+def stored_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, Any]:
+    """The resolved model/data/loss config (plain data, loadable with weights_only) and the
+    option each group came from (``choices``; by default this run's Hydra choices)."""
     out: dict[str, Any] = {
         g: OmegaConf.to_container(cfg[g], resolve=True) for g in STORED_GROUPS if cfg.get(g)
     }
-    out["choices"] = {g: c for g, c in group_choices().items() if g in STORED_GROUPS}
+    choices = group_choices() if choices is None else choices
+    out["choices"] = {g: c for g, c in choices.items() if g in STORED_GROUPS}
     return out
 
 

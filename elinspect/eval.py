@@ -76,13 +76,14 @@ def check_dataset_facts(ckpt_path: str, trained: dict[str, Any] | None, evaluate
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     checkpoint = read_checkpoint(cfg.ckpt_path)
     meta = checkpoint.get(CHECKPOINT_KEY) or {}
-    if meta.get("config"):
-        apply_stored_config(cfg, meta["config"], command_line_overrides())
+    restored = (
+        apply_stored_config(cfg, meta["config"], command_line_overrides()) if meta.get("config") else {}
+    )
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ensure_writable_dir(cfg.paths.output_dir)
     save_resolved_config(cfg, cfg.paths.output_dir)
-    datamodule, model = build_datamodule_and_model(cfg)
+    datamodule, model = build_datamodule_and_model(cfg, restored)
     check_dataset_facts(
         cfg.ckpt_path, (checkpoint.get("hyper_parameters") or {}).get("dataset"), datamodule.info
     )

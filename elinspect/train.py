@@ -96,12 +96,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("train"):
         guard_output_dir(output_dir, cfg.get("ckpt_path"))
     ensure_writable_dir(output_dir)
-    use_checkpoint_config(cfg, check_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints"))
+    restored = use_checkpoint_config(cfg, check_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints"))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     save_resolved_config(cfg, output_dir)
 
-    datamodule, model = build_datamodule_and_model(cfg)
+    datamodule, model = build_datamodule_and_model(cfg, restored)
     trainer = build_trainer(cfg, model)
     if cfg.get("train"):
         check_optimized_metric(cfg.get("optimized_metric"), trainer)
@@ -132,15 +132,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, {"trainer": trainer, "model": model, "datamodule": datamodule}
 
 
-def use_checkpoint_config(cfg: DictConfig, checkpoint: dict[str, Any] | None) -> None:
+def use_checkpoint_config(cfg: DictConfig, checkpoint: dict[str, Any] | None) -> dict[str, str]:
     """A run given a checkpoint (a resumed fit, or ``train=false`` to test it) goes on with the
     model, data and loss it was trained with, as eval does: the resume command names none of
     them, and the defaults would continue it on another split or target. Groups and keys named
-    on the command line still win."""
+    on the command line still win. Returns the checkpoint's choices of the groups it set."""
     stored = ((checkpoint or {}).get(CHECKPOINT_KEY) or {}).get("config")
-    if stored:
-        apply_stored_config(cfg, stored, command_line_overrides())
-        log.info("model, data and loss as stored in %s (with this command line's overrides)", cfg.ckpt_path)
+    if not stored:
+        return {}
+    restored = apply_stored_config(cfg, stored, command_line_overrides())
+    log.info("model, data and loss as stored in %s (with this command line's overrides)", cfg.ckpt_path)
+    return restored
 
 
 def carry_csv_columns(trainer: L.Trainer) -> None:

@@ -227,6 +227,33 @@ def test_a_resumed_run_goes_on_with_the_checkpoints_data_and_model(make_cfg) -> 
     assert stored["augment"]["rotate_p"] == 0.25
 
 
+def test_a_resumed_run_records_the_checkpoints_choices_not_the_defaults(make_cfg) -> None:
+    """Resumed without naming the model, a classifier run goes on as the classifier; its new
+    checkpoints must say ``model: classifier`` (what predict writes beside each prediction and
+    W&B tags), not the default ``semacnn`` the command line would have chosen."""
+    first = make_cfg("train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"]])
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    unnamed = [o for o in SHORT_RUN if not o.startswith("model=")]
+    cfg = make_cfg(
+        "train.yaml", [*unnamed, *FAST_DATA_OVERRIDES["elpv"], "trainer.max_epochs=2", f"ckpt_path={last}"]
+    )
+    _, objects = train(cfg)
+    assert objects["model"].run_config["choices"]["model"] == "classifier"
+    resumed = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed[CHECKPOINT_KEY]["config"]["choices"] == {
+        "model": "classifier",
+        "data": "elpv",
+        "loss": "auto",
+    }
+    # a group named on the command line is this run's choice
+    named = make_cfg(
+        "train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "train=false", f"ckpt_path={last}"]
+    )
+    _, objects = train(named)
+    assert objects["model"].run_config["choices"]["model"] == "classifier"
+
+
 def test_early_stopping_waits_for_semacnns_classifier(make_cfg) -> None:
     """SeMaCNN's first epoch fits PaDiM and logs its monitor as NaN (the classifier is untrained,
     so no checkpoint may rank it); early stopping must not take that NaN for a diverged run and
