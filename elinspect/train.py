@@ -46,7 +46,7 @@ from elinspect.build import (
     save_resolved_config,
 )
 from elinspect.models.base import CHECKPOINT_KEY
-from elinspect.utils.checkpoint import check_checkpoint
+from elinspect.utils.checkpoint import check_checkpoint, read_checkpoint
 from elinspect.utils.errors import ConfigError, UserError, user_errors
 from elinspect.utils.library_warnings import silence_library_warnings
 from elinspect.utils.outputs import ensure_writable_dir, guard_output_dir
@@ -184,12 +184,18 @@ def check_optimized_metric(name: str | None, trainer: L.Trainer) -> None:
 def best_checkpoint_score(trainer: L.Trainer) -> dict[str, float]:
     """``{monitor: score}`` of the fit's best checkpoint, the one the test loads (after a fit
     ``trainer.callback_metrics`` holds the last epoch's); empty without a monitored checkpoint,
-    where the last epoch's weights are what is tested."""
+    where the last epoch's weights are what is tested. After a ``ddp_spawn`` fit Lightning
+    hands the main process the best checkpoint's path but not its score: it is read from the
+    checkpoint, whose callback state holds it."""
     checkpoint = trainer.checkpoint_callback
-    score = getattr(checkpoint, "best_model_score", None)
-    if score is None or not getattr(checkpoint, "monitor", None):
+    monitor = getattr(checkpoint, "monitor", None)
+    if not monitor:
         return {}
-    return {checkpoint.monitor: float(score)}
+    score = checkpoint.best_model_score
+    if score is None and checkpoint.best_model_path:
+        saved = read_checkpoint(checkpoint.best_model_path, mmap=True).get("callbacks") or {}
+        score = (saved.get(checkpoint.state_key) or {}).get("best_model_score")
+    return {} if score is None else {monitor: float(score)}
 
 
 def tested_checkpoint(cfg: DictConfig, trainer: L.Trainer) -> str:

@@ -44,10 +44,16 @@ from omegaconf import OmegaConf, open_dict, read_write
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from elinspect.build import build_datamodule_and_model, build_trainer, trainer_arguments
+from elinspect.callbacks.checkpoint import RunCheckpoint
 from elinspect.data.folder import FolderDataModule
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimModule
-from elinspect.train import DistributedLaunchError, check_distributed_launch, sweeper_value
+from elinspect.train import (
+    DistributedLaunchError,
+    best_checkpoint_score,
+    check_distributed_launch,
+    sweeper_value,
+)
 from elinspect.utils import speed
 from elinspect.utils.ddp import DDPStrategy
 from elinspect.utils.speed import SpeedCallback, auto_num_workers, auto_pin_memory, inference_modules
@@ -97,6 +103,23 @@ def test_strategy_ddp_refused_in_a_local_multirun(make_cfg) -> None:
     with open_dict(cfg):
         cfg.trainer.strategy = "ddp_spawn"
     check_distributed_launch(cfg)  # spawn keeps the sweep in this process: fine
+
+
+def test_the_sweepers_score_after_ddp_spawn_is_the_tested_checkpoints(tmp_path: Path) -> None:
+    """After a ``ddp_spawn`` fit Lightning hands the main process the best checkpoint's path but
+    not its score (``best_model_score`` stays None there); the score returned to a sweeper must
+    still be that checkpoint's (read from it), not the last epoch's ``callback_metrics``."""
+    from tests.test_resume import ScriptedScore, trainer
+
+    checkpoint = RunCheckpoint(dirpath=tmp_path, monitor="val/score", mode="max", save_top_k=1)
+    trainer(checkpoint, max_epochs=3, num_sanity_val_steps=0).fit(ScriptedScore())
+    assert best_checkpoint_score(SimpleNamespace(checkpoint_callback=checkpoint)) == {
+        "val/score": pytest.approx(0.9)
+    }
+    checkpoint.best_model_score = None  # what the spawn launcher leaves in the main process
+    assert best_checkpoint_score(SimpleNamespace(checkpoint_callback=checkpoint)) == {
+        "val/score": pytest.approx(0.9)
+    }
 
 
 def test_sweeper_value_turns_failures_and_nan_into_none() -> None:
