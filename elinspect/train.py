@@ -96,7 +96,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("train"):
         guard_output_dir(output_dir, cfg.get("ckpt_path"))
     ensure_writable_dir(output_dir)
-    restored = use_checkpoint_config(cfg, check_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints"))
+    checkpoint = check_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints")
+    if cfg.get("train"):
+        check_resumed_averaging(cfg, checkpoint)
+    restored = use_checkpoint_config(cfg, checkpoint)
+    del checkpoint  # the trainer reads it again
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     save_resolved_config(cfg, output_dir)
@@ -130,6 +134,26 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         print_test_metrics(test_metrics, getattr(datamodule, "protocol", None), best and f"{label}: {best}")
     print_on_rank_zero(f"run outputs: {output_dir}")
     return metrics, {"trainer": trainer, "model": model, "datamodule": datamodule}
+
+
+def check_resumed_averaging(cfg: DictConfig, checkpoint: dict[str, Any] | None) -> None:
+    """Refuse to resume a fit of ``callbacks=[default,ema]`` without the average: its checkpoint
+    holds the averaged weights as the model's and the raw ones aside (``current_model_state``),
+    and without the callback training would go on from the average as if it were the raw
+    weights, no longer averaging."""
+    if checkpoint is None or "current_model_state" not in checkpoint:
+        return
+    nodes = (cfg.get("callbacks") or {}).values()
+    if any(
+        str(node.get("_target_", "")).endswith("WeightAveraging")
+        for node in nodes
+        if isinstance(node, DictConfig)
+    ):
+        return
+    raise ConfigError(
+        f"{cfg.ckpt_path} was trained with an average of the weights: resume it with "
+        "callbacks=[default,ema] (and the same callbacks.ema options), or test it with train=false"
+    )
 
 
 def use_checkpoint_config(cfg: DictConfig, checkpoint: dict[str, Any] | None) -> dict[str, str]:

@@ -254,6 +254,26 @@ def test_a_resumed_run_records_the_checkpoints_choices_not_the_defaults(make_cfg
     assert objects["model"].run_config["choices"]["model"] == "classifier"
 
 
+def test_resuming_an_averaged_run_without_the_average_is_refused(make_cfg) -> None:
+    """A checkpoint of ``callbacks=[default,ema]`` holds the averaged weights as its state_dict
+    and the raw ones aside; resumed without the callback, training would go on from the average
+    as if it were the raw weights, without averaging. The run stops with what to add instead."""
+    first = make_cfg("train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "callbacks=[default,ema]"])
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert "current_model_state" in torch.load(last, weights_only=True)
+    resume = make_cfg(
+        "train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "trainer.max_epochs=2", f"ckpt_path={last}"]
+    )
+    with pytest.raises(ConfigError, match=r"callbacks=\[default,ema\]"):
+        train(resume)
+    assert not (Path(resume.paths.output_dir) / "checkpoints").exists()
+    tested = make_cfg(
+        "train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "train=false", f"ckpt_path={last}"]
+    )
+    train(tested)  # testing it needs no callback: the averaged weights are what it tests
+
+
 def test_early_stopping_waits_for_semacnns_classifier(make_cfg) -> None:
     """SeMaCNN's first epoch fits PaDiM and logs its monitor as NaN (the classifier is untrained,
     so no checkpoint may rank it); early stopping must not take that NaN for a diverged run and
