@@ -8,7 +8,11 @@ moment of saving and sets them back when training starts again, before the first
 fetched — where the interrupted run would have drawn its next random number. With
 :class:`~elinspect.data.resumable.ResumableDataLoader` for the training split (the data order
 and the position inside an epoch), a resumed run is bit-identical to an uninterrupted one
-(``trainer.deterministic=true``; mid-epoch, ``num_workers: 0``).
+(``trainer.deterministic=true``, ``num_workers: 0``). With loader workers it is not: they are
+persistent, and the random streams they draw augmentation from carry on from epoch to epoch
+inside them, where no checkpoint can store them; the workers a resumed run starts draw from
+the streams the run's first epoch began with (seeded, so a resume repeats itself, but not the
+uninterrupted run's draws).
 """
 
 from __future__ import annotations
