@@ -99,6 +99,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     checkpoint = check_checkpoint(cfg.get("ckpt_path"), output_dir / "checkpoints")
     if cfg.get("train"):
         check_resumed_averaging(cfg, checkpoint)
+    elif cfg.get("ckpt_path") and checkpoint is None:  # ckpt_path=last, and nothing to find
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: {output_dir / 'checkpoints'} holds no last.ckpt to test with "
+            "train=false; give the checkpoint file (ckpt_path=<run>/checkpoints/<file>.ckpt)"
+        )
     restored = use_checkpoint_config(cfg, checkpoint)
     del checkpoint  # the trainer reads it again
     if cfg.get("seed") is not None:

@@ -274,6 +274,15 @@ def test_resuming_an_averaged_run_without_the_average_is_refused(make_cfg) -> No
     train(tested)  # testing it needs no callback: the averaged weights are what it tests
 
 
+def test_testing_ckpt_path_last_without_a_last_checkpoint_is_refused(make_cfg) -> None:
+    """``train=false ckpt_path=last`` in a run directory without ``last.ckpt`` (a typo in
+    ``hydra.run.dir``, or a fresh directory) would test untrained weights under the label
+    "tested checkpoint: last"; it stops with what is missing instead."""
+    cfg = make_cfg("train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "train=false", "ckpt_path=last"])
+    with pytest.raises(ConfigError, match=r"no last\.ckpt .*train=false"):
+        train(cfg)
+
+
 def test_early_stopping_waits_for_semacnns_classifier(make_cfg) -> None:
     """SeMaCNN's first epoch fits PaDiM and logs its monitor as NaN (the classifier is untrained,
     so no checkpoint may rank it); early stopping must not take that NaN for a diverged run and
