@@ -6,7 +6,10 @@ distribution of a dataset". Here:
 
 * **Training is fitting.** Every training batch's *normal* images (label 0) go to
   :meth:`Padim.update` (streaming Σx, Σxxᵀ, n); the others are ignored, so ``data=elpv``
-  works with or without ``data.train_normal_only``. There is no optimiser (manual
+  works with or without ``data.train_normal_only``. They are the training split's images as
+  the datamodule serves them, augmented where its ``augment`` is on (ELPV's flips and
+  rotation): SeMaCNN §2.2.2 fits "after applying augmentation"; Defard et al.'s PaDiM does not
+  augment (``data.augment=null`` for that). There is no optimiser (manual
   optimisation, ``configure_optimizers`` returns None) and no gradient; each fitted batch
   counts as a step of ``trainer.global_step`` (so checkpoints are saved).
 * **One epoch fits; the fit is done once.** At the start of the first validation after the
