@@ -113,6 +113,23 @@ def test_auroc_of_a_split_with_one_class_is_left_out_not_zero(label: int, caplog
     assert float(both["test/auroc"]) == 1.0 and float(both["test/acc"]) == 1.0
 
 
+def test_padim_fits_and_checkpoints_with_a_validation_split_of_normal_images_only(tmp_path: Path) -> None:
+    """A validation split without defects (``data.held_out_val_fraction=0`` with normal-only
+    training data) has no AUROC: ``val/auroc``, PaDiM's monitor, is logged as NaN (ranked below
+    any score), so the checkpoint callback still saves the fit instead of stopping the run."""
+    torch.manual_seed(0)
+    module = PadimModule(Padim(**SMALL), INFO)
+    checkpoints = ModelCheckpoint(tmp_path, monitor="val/auroc", mode="max")
+    normal_only = DataLoader(
+        [b for b in toy_loader(8, seed=50).dataset if int(b["label"]) == 0], batch_size=8
+    )
+    fit = trainer(max_epochs=1, enable_checkpointing=True, callbacks=[checkpoints])
+    fit.fit(module, toy_loader(8, seed=0), normal_only)
+    assert math.isnan(float(fit.callback_metrics["val/auroc"]))
+    assert Path(checkpoints.best_model_path).is_file()
+    assert math.isfinite(float(module.threshold))
+
+
 def test_padim_fits_on_the_normal_images_in_one_epoch(fitted_padim) -> None:
     module, fit, _ = fitted_padim
     assert bool(module.padim.fitted)

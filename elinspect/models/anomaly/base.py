@@ -193,11 +193,10 @@ class AnomalyModule(ElinspectModule):
                 self.threshold.fill_(chosen)
         # the scores are gathered from every rank (torchmetrics): the values are the same on each
         if torch.isfinite(self.threshold):
-            self.log_dict(
-                threshold_metrics(scores, labels, float(self.threshold), "val/"),
-                prog_bar=True,
-                sync_dist=True,
-            )
+            metrics = threshold_metrics(scores, labels, float(self.threshold), "val/")
+            # undefined on a split of one class; a monitor must still be logged: NaN ranks lowest
+            metrics.setdefault("val/auroc", torch.tensor(float("nan"), device=scores.device))
+            self.log_dict(metrics, prog_bar=True, sync_dist=True)
             self.log("val/threshold", self.threshold)
             return
         target = (labels > 0).long()
