@@ -325,6 +325,10 @@ def test_a_run_resumed_into_a_new_directory_keeps_the_best_epoch_before_the_resu
     )
     assert Path(better.best_model_path) == tmp_path / "run3" / "epoch=3-step=24.ckpt"
     assert Path(best_before).is_file()
+    # the earlier best deleted since: the epochs after the resume rank among themselves
+    Path(best_before).unlink()
+    afresh = fit(tmp_path / "run4", 4, ckpt=str(tmp_path / "run1" / "last.ckpt"))
+    assert Path(afresh.best_model_path) == tmp_path / "run4" / "epoch=2-step=18.ckpt"
 
 
 @pytest.mark.parametrize(

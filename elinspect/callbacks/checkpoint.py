@@ -18,11 +18,13 @@ the last epoch, quiet under ``fast_dev_run``.
   "best" whatever its score, and the test loaded it. :class:`RunCheckpoint` carries the score
   and the top-k over (same monitor); an earlier run's best stays where it is (Lightning deletes
   no local checkpoint outside the callback's directory) and is tested if no later epoch beats it.
+  Where that file is gone (the run directory moved or deleted), the ranking starts afresh.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -60,6 +62,14 @@ class RunCheckpoint(ModelCheckpoint):
         saved_dir = state_dict.get("dirpath", self.dirpath)
         if saved_dir == self.dirpath or state_dict.get("monitor") != self.monitor:
             super().load_state_dict(state_dict)
+            return
+        if not Path(state_dict["best_model_path"]).is_file():  # moved or deleted since: rank afresh
+            log.warning(
+                "resumed into %s: the earlier best checkpoint %s is gone; only epochs from here on rank",
+                self.dirpath,
+                state_dict["best_model_path"],
+            )
+            super().load_state_dict({**state_dict, "best_model_path": ""})
             return
         self.best_model_path = state_dict["best_model_path"]
         self.best_model_score = state_dict["best_model_score"]
