@@ -51,7 +51,8 @@ def command_line_overrides() -> list[str]:
 def apply_stored_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[str]) -> dict[str, str]:
     """Replace each of model/data/loss by the checkpoint's unless chosen on the command line
     (``data=…``); a ``group.key=value`` override changes that field of the stored group.
-    Returns the checkpoint's choices (``{"model": "classifier", …}``) of the groups replaced."""
+    Returns the checkpoint's choices (``{"model": "classifier", …}``) of the groups replaced
+    ("" where the checkpoint does not name one)."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     stored_choices = stored.get("choices") or {}
     restored: dict[str, str] = {}
@@ -61,8 +62,7 @@ def apply_stored_config(cfg: DictConfig, stored: dict[str, Any], overrides: list
         if any(o.key_or_group == group for o in parsed):
             log.info("%s: using the command line's choice, not the checkpoint's", group)
             continue
-        if stored_choices.get(group):
-            restored[group] = stored_choices[group]
+        restored[group] = stored_choices.get(group) or ""  # "": not known, not this run's choice
         node = OmegaConf.create(stored[group])
         for o in parsed:
             if o.key_or_group.startswith(group + "."):
@@ -83,7 +83,8 @@ def build_datamodule_and_model(
 ) -> tuple[L.LightningDataModule, ElinspectModule]:
     """The datamodule and the model; ``restored_choices``: the groups a checkpoint's config
     replaced (:func:`apply_stored_config`), named as the checkpoint names them."""
-    choices = {**group_choices(), **(restored_choices or {})}
+    merged = {**group_choices(), **(restored_choices or {})}
+    choices = {group: choice for group, choice in merged.items() if choice}
     check_compatible(cfg, CONFIG_DIR, choices)
     log.info("instantiating datamodule <%s>", cfg.data._target_)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")

@@ -149,11 +149,8 @@ def check_resumed_averaging(cfg: DictConfig, checkpoint: dict[str, Any] | None) 
     if checkpoint is None or "current_model_state" not in checkpoint:
         return
     nodes = (cfg.get("callbacks") or {}).values()
-    if any(
-        str(node.get("_target_", "")).endswith("WeightAveraging")
-        for node in nodes
-        if isinstance(node, DictConfig)
-    ):
+    targets = [str(node.get("_target_", "")) for node in nodes if isinstance(node, DictConfig)]
+    if any(target.lower().endswith("emaweightaveraging") for target in targets):
         return
     raise ConfigError(
         f"{cfg.ckpt_path} was trained with an average of the weights: resume it with "

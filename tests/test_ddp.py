@@ -23,6 +23,7 @@ What "correct" means here, and why the two runs can be equal at all:
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -640,7 +641,8 @@ def _detection_metrics_on_rank(rank: int, world: int, port: int, sampler: str, r
     from elinspect.metrics.detection import DetectionConfusionMatrix, DetectionMetrics
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a collective mismatch between the ranks fails within a minute, not gloo's default 30
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     box = torch.tensor([[10.0, 10.0, 40.0, 40.0]])
     no_box = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     metrics, confusion = DetectionMetrics(["crack"]), DetectionConfusionMatrix(num_classes=1)

@@ -248,10 +248,11 @@ def test_a_resumed_run_records_the_checkpoints_choices_not_the_defaults(make_cfg
     }
     # a group named on the command line is this run's choice
     named = make_cfg(
-        "train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "train=false", f"ckpt_path={last}"]
+        "train.yaml",
+        [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "loss=ce", "train=false", f"ckpt_path={last}"],
     )
     _, objects = train(named)
-    assert objects["model"].run_config["choices"]["model"] == "classifier"
+    assert objects["model"].run_config["choices"]["loss"] == "ce"
 
 
 def test_resuming_an_averaged_run_without_the_average_is_refused(make_cfg) -> None:

@@ -17,9 +17,9 @@ epoch's order. Together with :class:`~elinspect.callbacks.rng_state.RandomStateC
 (the global random states, for augmentation and dropout) a resumed run is bit-identical to
 one never interrupted, from an end-of-epoch or a mid-epoch checkpoint.
 
-Limits: mid-epoch exactness of the augmentation needs ``num_workers: 0`` (worker processes
-keep random states of their own that no checkpoint holds; the order and position are exact
-either way); one training process only (under DDP Lightning's distributed sampler must
+Limits: exactness of the augmentation needs ``num_workers: 0``, from an end-of-epoch
+checkpoint too (the persistent worker processes keep random states of their own that no
+checkpoint holds; the order and position are exact either way); one training process only (under DDP Lightning's distributed sampler must
 shard the data, so this loader is not used there).
 """
 

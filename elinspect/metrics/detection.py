@@ -91,6 +91,7 @@ class GathersImageLists(Metric):
     without repeats, :mod:`elinspect.data.sharding`) would then pair different images' tensors,
     or abort or hang. Here each rank's lists travel together as one object (on the CPU) and come
     back concatenated in rank order; the entries of one image stay aligned across the states.
+    Every entry must be a tensor (``iou_type="bbox"``; segm's mask states hold tuples).
     """
 
     def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any | None = None) -> None:
