@@ -497,8 +497,8 @@ def test_the_sweeper_gets_the_tested_checkpoints_validation_score_not_the_last_e
     script = (0.2, 0.9, 0.4)  # val/f1 of epochs 0, 1, 2: the best is epoch 1
     real_build = train_module.build_datamodule_and_model
 
-    def build_with_scripted_validation(cfg):
-        datamodule, model = real_build(cfg)
+    def build_with_scripted_validation(cfg, restored_choices=None):
+        datamodule, model = real_build(cfg, restored_choices)
 
         def scripted_validation(batch, batch_idx):
             model.log("val/f1", script[model.current_epoch], batch_size=len(batch["label"]))
