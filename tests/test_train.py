@@ -253,6 +253,18 @@ def test_a_resumed_run_records_the_checkpoints_choices_not_the_defaults(make_cfg
     )
     _, objects = train(named)
     assert objects["model"].run_config["choices"]["loss"] == "ce"
+    # a checkpoint that names no choices (written without Hydra): none is recorded for what it set
+    bare = torch.load(last, weights_only=True)
+    del bare[CHECKPOINT_KEY]["config"]["choices"]
+    torch.save(bare, last.with_name("bare.ckpt"))
+    unnamed_test = [
+        *unnamed,
+        *FAST_DATA_OVERRIDES["elpv"],
+        "train=false",
+        f"ckpt_path={last.with_name('bare.ckpt')}",
+    ]
+    _, objects = train(make_cfg("train.yaml", unnamed_test))
+    assert "model" not in objects["model"].run_config["choices"]
 
 
 def test_resuming_an_averaged_run_without_the_average_is_refused(make_cfg) -> None:

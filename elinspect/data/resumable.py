@@ -19,8 +19,9 @@ one never interrupted, from an end-of-epoch or a mid-epoch checkpoint.
 
 Limits: exactness of the augmentation needs ``num_workers: 0``, from an end-of-epoch
 checkpoint too (the persistent worker processes keep random states of their own that no
-checkpoint holds; the order and position are exact either way); one training process only (under DDP Lightning's distributed sampler must
-shard the data, so this loader is not used there).
+checkpoint holds; the order and position are exact either way); one training process only
+(under DDP Lightning's distributed sampler must shard the data, so this loader is not used
+there).
 """
 
 from __future__ import annotations
