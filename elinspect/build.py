@@ -50,10 +50,16 @@ def command_line_overrides() -> list[str]:
 
 def apply_stored_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[str]) -> dict[str, str]:
     """Replace each of model/data/loss by the checkpoint's unless chosen on the command line
-    (``data=…``); a ``group.key=value`` override changes that field of the stored group.
-    Returns the checkpoint's choices (``{"model": "classifier", …}``) of the groups replaced
-    ("" where the checkpoint does not name one)."""
+    (``data=…``); a ``group.key=value`` override changes that field of the stored group. The
+    run's ``seed`` is taken over too unless named (under DDP it orders the training split, which
+    no checkpoint stores). Returns the checkpoint's choices (``{"model": "classifier", …}``) of
+    the groups replaced ("" where the checkpoint does not name one)."""
     parsed = OverridesParser.create().parse_overrides(overrides)
+    if stored.get("seed") is not None and not any(o.key_or_group == "seed" for o in parsed):
+        if cfg.get("seed") != stored["seed"]:
+            log.info("seed %s, the checkpoint's run's (name seed= to change it)", stored["seed"])
+        with open_dict(cfg):
+            cfg.seed = stored["seed"]
     stored_choices = stored.get("choices") or {}
     restored: dict[str, str] = {}
     for group in STORED_GROUPS:
@@ -167,13 +173,14 @@ def build_trainer(cfg: DictConfig, model: ElinspectModule | None = None, **overr
 
 
 def stored_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, Any]:
-    """The resolved model/data/loss config (plain data, loadable with weights_only) and the
-    option each group came from (``choices``; by default this run's Hydra choices)."""
+    """The resolved model/data/loss config (plain data, loadable with weights_only), the
+    option each group came from (``choices``; by default this run's Hydra choices) and the seed."""
     out: dict[str, Any] = {
         g: OmegaConf.to_container(cfg[g], resolve=True) for g in STORED_GROUPS if cfg.get(g)
     }
     choices = group_choices() if choices is None else choices
     out["choices"] = {g: c for g, c in choices.items() if g in STORED_GROUPS}
+    out["seed"] = cfg.get("seed")
     return out
 
 

@@ -160,14 +160,15 @@ def check_resumed_averaging(cfg: DictConfig, checkpoint: dict[str, Any] | None) 
 
 def use_checkpoint_config(cfg: DictConfig, checkpoint: dict[str, Any] | None) -> dict[str, str]:
     """A run given a checkpoint (a resumed fit, or ``train=false`` to test it) goes on with the
-    model, data and loss it was trained with, as eval does: the resume command names none of
-    them, and the defaults would continue it on another split or target. Groups and keys named
-    on the command line still win. Returns the checkpoint's choices of the groups it set."""
+    model, data, loss and seed it was trained with, as eval does: the resume command names none
+    of them, and the defaults would continue it on another split, target or (under DDP) data
+    order. Groups, keys and a seed named on the command line still win. Returns the
+    checkpoint's choices of the groups it set."""
     stored = ((checkpoint or {}).get(CHECKPOINT_KEY) or {}).get("config")
     if not stored:
         return {}
     restored = apply_stored_config(cfg, stored, command_line_overrides())
-    log.info("model, data and loss as stored in %s (with this command line's overrides)", cfg.ckpt_path)
+    log.info("model, data, loss and seed as stored in %s (with this command line's overrides)", cfg.ckpt_path)
     return restored
 
 

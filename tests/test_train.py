@@ -4,6 +4,7 @@ config, reproducibility, output protection, offline W&B."""
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -265,6 +266,31 @@ def test_a_resumed_run_records_the_checkpoints_choices_not_the_defaults(make_cfg
     ]
     _, objects = train(make_cfg("train.yaml", unnamed_test))
     assert "model" not in objects["model"].run_config["choices"]
+
+
+def test_a_resume_that_names_no_seed_goes_on_with_the_runs_seed(make_cfg) -> None:
+    """The seed sets what a checkpoint cannot store: under DDP Lightning's DistributedSampler
+    shuffles the training split by ``PL_GLOBAL_SEED``, and loader workers seed from it. A resume
+    command that omits the run's ``seed=7`` would otherwise go on with the default 42 and
+    another data order; a seed named on the command line still wins."""
+    first = make_cfg("train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "seed=7"])
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)[CHECKPOINT_KEY]["config"]["seed"] == 7
+    resume = make_cfg(
+        "train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "trainer.max_epochs=2", f"ckpt_path={last}"]
+    )
+    train(resume)
+    assert resume.seed == 7
+    assert os.environ["PL_GLOBAL_SEED"] == "7"
+    resumed = Path(resume.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed, weights_only=True)[CHECKPOINT_KEY]["config"]["seed"] == 7
+    named = make_cfg(
+        "train.yaml",
+        [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "trainer.max_epochs=2", "seed=3", f"ckpt_path={last}"],
+    )
+    train(named)
+    assert (named.seed, os.environ["PL_GLOBAL_SEED"]) == (3, "3")
 
 
 def test_resuming_an_averaged_run_without_the_average_is_refused(make_cfg) -> None:
