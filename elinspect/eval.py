@@ -44,7 +44,8 @@ def check_dataset_facts(ckpt_path: str, trained: dict[str, Any] | None, evaluate
     """Refuse data whose classes or channels are not the checkpoint's: the model is rebuilt from
     the evaluated data's facts, so other class names (a VOC copy whose classes are discovered in
     another order) would report per-class numbers under the wrong names. Another image size is
-    allowed (a study of it), with a warning."""
+    allowed (a study of it), with a warning; so are labels made by another rule (ELPV evaluated
+    at another threshold than it was trained at, whose classes are named alike)."""
     if not trained:
         return  # a checkpoint written without them: nothing to compare
     trained_info = DatasetInfo.from_dict(trained)
@@ -58,6 +59,15 @@ def check_dataset_facts(ckpt_path: str, trained: dict[str, Any] | None, evaluate
         raise ConfigError(
             f"{ckpt_path}: the checkpoint takes {trained_info.in_channels}-channel images, but the "
             f"data gives {evaluated.in_channels} (data.channels={trained_info.in_channels})"
+        )
+    if trained_info.labelling and evaluated.labelling and trained_info.labelling != evaluated.labelling:
+        log.warning(
+            "%s was trained on data labelled %s and is evaluated on data labelled %s (its test "
+            "numbers score the model against other labels than it learnt; the checkpoint's own "
+            "data settings apply unless data=... or data.* is given)",
+            ckpt_path,
+            trained_info.labelling,
+            evaluated.labelling,
         )
     if (
         trained_info.image_size

@@ -177,6 +177,26 @@ def test_eval_refuses_data_whose_classes_are_not_the_checkpoints(make_cfg, tmp_p
         evaluate(ecfg)
 
 
+def test_eval_says_when_the_data_labels_its_images_by_another_rule(
+    make_cfg, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ELPV's two classes are "normal" and "defective" at every threshold, so a model trained at
+    the SeMaCNN paper's p > 0.33 and evaluated with ``data=elpv`` (which replaces the stored group:
+    p > 0) passes the class-name check while the labels mean something else. Eval says so, with
+    both rules; the checkpoint's own data (no data override) draws no such warning."""
+    cfg = make_cfg("train.yaml", [*SHORT_RUN, *FAST_DATA_OVERRIDES["elpv"], "data.threshold=0.33"])
+    _, objects = train(cfg)
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    common = [f"ckpt_path={best}", "logger=csv", "trainer.limit_test_batches=2"]
+    with caplog.at_level("WARNING", logger="elinspect.eval"):
+        evaluate(make_cfg("eval.yaml", common))
+    assert "labels" not in caplog.text
+    with caplog.at_level("WARNING", logger="elinspect.eval"):
+        evaluate(make_cfg("eval.yaml", [*common, "data=elpv", *FAST_DATA_OVERRIDES["elpv"]]))
+    assert "labelled defective if p > 0.3333" in caplog.text
+    assert "evaluated on data labelled defective if p > 0 " in caplog.text
+
+
 def test_two_runs_with_the_same_seed_give_identical_metrics(make_cfg) -> None:
     runs = []
     for _ in range(2):

@@ -342,6 +342,15 @@ class ElpvDataModule(SplitDataModule):
         return f"stratified {split}, seed {hp.split_seed}, {target}, modules: {hp.module_type}"
 
     @property
+    def labelling(self) -> str:
+        """The rule that made the labels: the binary classes are named alike at every threshold."""
+        hp = self.hparams
+        if hp.target == "four_class":
+            return "the four probability levels"
+        rule = ">" if hp.threshold_rule == "gt" else "≥"
+        return f"defective if p {rule} {snap_to_level(hp.threshold):.4g}"
+
+    @property
     def class_names(self) -> tuple[str, ...]:
         if self.hparams.target == "four_class":
             return ("p=0", "p=1/3", "p=2/3", "p=1")
@@ -358,6 +367,7 @@ class ElpvDataModule(SplitDataModule):
             in_channels=self.hparams.channels,
             class_counts=tuple(int(c) for c in counts),
             image_size=(size, size),
+            labelling=self.labelling,
         )
 
     # ------------------------------------------------------------------------ dataloaders

@@ -13,6 +13,8 @@ class DatasetInfo:
     ``class_names`` excludes background; for detection, label ``i`` (1-based) is
     ``class_names[i - 1]``. ``class_counts`` holds the training split's number of
     samples (classification) or boxes (detection) per class, in the same order.
+    ``labelling`` states the rule that made the labels where it is a setting and the class
+    names do not show it (ELPV: "defective if p > 0.3333"); None elsewhere.
     """
 
     task: str
@@ -20,6 +22,7 @@ class DatasetInfo:
     in_channels: int
     class_counts: tuple[int, ...] = field(default_factory=tuple)
     image_size: tuple[int, int] | None = None
+    labelling: str | None = None
 
     @property
     def num_classes(self) -> int:
