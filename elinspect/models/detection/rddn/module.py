@@ -11,7 +11,8 @@ add them when the run asks — ``datamodule.request_inputs(model.extra_inputs)``
 
 A batch without a needed reference is refused with :class:`MissingReferenceError` naming the
 key, the template mode and the datasets that provide it. PTG's reconstruction loss is part
-of the total and logged as ``train/loss_ptg``.
+of the training total and logged as ``train/loss_ptg``; validation batches carry no normal
+sample, so PTG's ``val/loss`` (``model.val_loss``) is the detector's terms alone.
 
 The step schedule of the paper (warm-up, decay at epochs 16 and 22) is
 :func:`~elinspect.models.schedules.warmup_multistep_lr`, given the number of optimiser steps
