@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,17 @@ from torch.utils.data import DataLoader
 from torchvision.io import read_image
 
 from elinspect.callbacks.anomaly_visuals import AnomalyHeatmapCallback
+from elinspect.data.info import DatasetInfo
 from elinspect.data.resumable import ResumableDataLoader
 from elinspect.drawing import heatmap_overlay
 from elinspect.models.anomaly.padim import Padim
 from elinspect.models.anomaly.padim_module import PadimModule
 from elinspect.models.anomaly.semacnn import SemaCnnModule
 from elinspect.models.anomaly.thresholds import best_f1_threshold, threshold_metrics
+from elinspect.models.build import build_model, effective_loss_config
 from elinspect.models.classification import ImageClassifier
-from tests.conftest import f1_at, f1_threshold_by_hand
+from elinspect.utils.errors import ConfigError, find_user_error
+from tests.conftest import f1_at, f1_threshold_by_hand, fast_model_overrides
 from tests.test_padim import add_dark_blob, smooth_textures
 from tests.test_resume import Crash
 
@@ -433,3 +437,20 @@ def test_a_non_finite_score_stops_the_epoch_naming_the_images(fitted_padim) -> N
             torch.zeros(1, 1, 8, 8),
         )
     assert not module.scores["val"].update_called  # nothing half-collected: no score without its label
+
+
+@pytest.mark.parametrize("model", ["padim", "ganae", "autoencoder"])
+def test_an_anomaly_model_refuses_more_than_two_classes(make_cfg, model: str) -> None:
+    """An anomaly model scores normal against defective: its labels are ``label > 0``, and its
+    predictions name label 1 by the data's second class. On ELPV's four levels
+    (``data.target=four_class``) that would call every anomalous cell "p=1/3", so the model is
+    refused where it is built, naming the classes and the binary target."""
+    cfg = make_cfg("train.yaml", [f"model={model}", *fast_model_overrides(model)])
+    four = DatasetInfo("classification", ("p=0", "p=1/3", "p=2/3", "p=1"), 1, (4, 3, 2, 1))
+    with pytest.raises(Exception) as raised:  # Hydra's InstantiationException wraps it
+        build_model(cfg.model, effective_loss_config(cfg), four)
+    refused = find_user_error(raised.value)
+    assert isinstance(refused, ConfigError)
+    assert re.search(r"normal or defective.*'p=1/3'.*data.target=binary", str(refused))
+    two = DatasetInfo("classification", ("normal", "defective"), 1, (4, 3))
+    assert build_model(cfg.model, effective_loss_config(cfg), two).class_names == two.class_names

@@ -47,6 +47,7 @@ from elinspect.models.anomaly.scoring import check_finite_scores
 from elinspect.models.anomaly.thresholds import best_f1_threshold, threshold_metrics, to_unit_interval
 from elinspect.models.base import ElinspectModule
 from elinspect.models.results import AnomalyResult, Reconstruction
+from elinspect.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,15 @@ class AnomalyModule(ElinspectModule):
         return self.torch_model.threshold
 
     def init_scoring(self) -> None:
-        """The epoch collectors."""
+        """The epoch collectors; refuses data of more than two classes (``self.class_names``, set
+        before): the scores rank normal against defective (labels ``> 0``), and a prediction names
+        its label 1 by the data's second class."""
+        if len(self.class_names) != 2:
+            raise ConfigError(
+                f"{type(self).__name__} scores images as normal or defective, but the data gives "
+                f"{len(self.class_names)} classes {list(self.class_names)}: use two classes "
+                "(ELPV: data.target=binary)"
+            )
         self.scores = nn.ModuleDict({s: CatMetric(nan_strategy="error") for s in SPLITS})
         self.labels = nn.ModuleDict({s: CatMetric(nan_strategy="error") for s in SPLITS})
         self.indices = nn.ModuleDict({s: CatMetric(nan_strategy="error") for s in SPLITS})
