@@ -47,7 +47,8 @@ tolerance (``|a − b| <= atol + rtol·|b|``; ``atol`` overrides the family's ab
 Detector outputs are compared detection by detection: each PyTorch detection is matched to
 the exported detection of the same class with the highest IoU, and the run passes when every
 detection is matched on both sides within the tolerances (a near-tie at the detection cap, which
-rounding may resolve differently on each side, is reported but not a failure).
+rounding may resolve differently on each side, is reported but not a failure). A detector that
+finds nothing on either side has nothing compared: NOT CHECKED (``"passed": null``), not a pass.
 
 **Sidecar.** ``<output>.json`` beside the file holds what a deployer needs: input name and
 shape, preprocessing (decode grey/RGB, size, resize mode, value range), normalisation, class
@@ -400,6 +401,7 @@ class OutputCheck:
     rtol: float
     passed: bool
     note: str = ""
+    compared: bool = True  # False: nothing to compare (a detector that found nothing on either side)
 
 
 def compare_tensors(
@@ -464,6 +466,9 @@ def compare_detections(
     note = f"{len(boxes_a)} vs {len(boxes_b)} detections, {len(pairs)} matched"
     if tied_a or tied_b:
         note += f", {tied_a} + {tied_b} near-ties at the cap"
+    compared = bool(len(boxes_a) or len(boxes_b))
+    if not compared:
+        note += ": nothing compared, give images=... with defects"
     ia = torch.tensor([p[0] for p in pairs], dtype=torch.long)
     ib = torch.tensor([p[1] for p in pairs], dtype=torch.long)
     checks = compare_tensors(
@@ -476,6 +481,7 @@ def compare_detections(
         check.shape = [len(boxes_a), *check.shape[1:]]
         check.note = note
         check.passed = check.passed and unmatched == 0
+        check.compared = compared
     return checks
 
 
@@ -490,8 +496,16 @@ class ExportResult:
     exporter: str = ""
 
     @property
-    def passed(self) -> bool:
+    def passed(self) -> bool | None:
+        """Every output within its tolerance; None where nothing could be compared (a
+        detector that finds nothing on the parity input: 0 against 0 boxes proves nothing)."""
+        if self.checks and not any(c.compared for c in self.checks):
+            return None
         return all(c.passed for c in self.checks)
+
+    @property
+    def verdict(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "NOT CHECKED"}[self.passed]
 
 
 def parity_table(result: ExportResult, title: str) -> Table:
@@ -499,7 +513,7 @@ def parity_table(result: ExportResult, title: str) -> Table:
     for column in ("output", "shape", "max |Δ|", "tolerance", "", "note"):
         table.add_column(column)
     for c in result.checks:
-        verdict = "[green]PASS" if c.passed else "[red]FAIL"
+        verdict = "[yellow]—" if not c.compared else "[green]PASS" if c.passed else "[red]FAIL"
         table.add_row(
             c.name,
             str(c.shape),
@@ -526,7 +540,8 @@ def export_checkpoint(
     console: Console | None = None,
 ) -> ExportResult:
     """Export, check parity, write the sidecar; raises :class:`ParityError` on a FAIL (the
-    files are kept, the sidecar records the differences)."""
+    files are kept, the sidecar records the differences). A detector that finds nothing on the
+    parity input is NOT CHECKED: the files are kept and the sidecar says ``"passed": null``."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
     if exporter is not None and exporter not in EXPORTERS:
@@ -575,9 +590,8 @@ def export_checkpoint(
     console.print(
         parity_table(result, f"{format} export of {loaded.name} ({how}): parity on {inputs.source}")
     )
-    verdict = "PASS" if result.passed else "FAIL"
-    console.print(f"{verdict}: {path} (sidecar {sidecar.name})")
-    if not result.passed:
+    console.print(f"{result.verdict}: {path} (sidecar {sidecar.name})")
+    if result.passed is False:
         raise ParityError(f"the exported {path} differs from PyTorch beyond the tolerance (see {sidecar})")
     return result
 
@@ -621,7 +635,7 @@ def write_sidecar(
                     "max_abs_diff": c.max_abs_diff if math.isfinite(c.max_abs_diff) else None,
                     "atol": c.atol,
                     "rtol": c.rtol,
-                    "passed": c.passed,
+                    "passed": c.passed if c.compared else None,
                     **({"note": c.note} if c.note else {}),
                 }
                 for c in result.checks

@@ -14,6 +14,7 @@ from torch import nn
 
 from elinspect.export import (
     FAMILIES,
+    ExportResult,
     ParityError,
     compare_detections,
     compare_tensors,
@@ -110,6 +111,25 @@ def test_parity_comparisons_fail_when_outputs_differ() -> None:
     assert not any(c.passed for c in missing)
     moved = compare_detections((boxes, labels, scores), (boxes + 0.5, labels, scores), tolerances)
     assert [c.name for c in moved if not c.passed] == ["boxes"]
+
+
+def test_a_detector_that_finds_nothing_on_the_parity_input_is_not_a_pass() -> None:
+    """On the default parity input (noise) a trained detector usually finds nothing: 0 against 0
+    detections compares no box, and must not read as a pass (console or sidecar)."""
+    empty = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    checks = compare_detections(empty, empty, FAMILIES[-1].tolerances)
+    result = ExportResult(Path("m.onnx"), Path("m.json"), checks)
+    assert result.passed is None and result.verdict == "NOT CHECKED"
+    assert checks[0].note.startswith("0 vs 0 detections") and "images=" in checks[0].note
+    one = (torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([1]), torch.tensor([0.9]))
+    found = ExportResult(
+        Path("m.onnx"), Path("m.json"), compare_detections(one, one, FAMILIES[-1].tolerances)
+    )
+    assert found.passed is True and found.verdict == "PASS"
+    missed = ExportResult(
+        Path("m.onnx"), Path("m.json"), compare_detections(one, empty, FAMILIES[-1].tolerances)
+    )
+    assert missed.passed is False and missed.verdict == "FAIL"
 
 
 def test_a_model_without_an_export_family_is_named() -> None:
