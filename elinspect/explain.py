@@ -28,8 +28,11 @@ with the map in a colour map over it, at the input's size, explained boxes drawn
 ``<stem>_gradcam.npy`` (the raw map, float32, the input's height × width) and one line of
 ``explanations.jsonl`` (what was explained, with its score). The model is rebuilt from the
 config stored in the checkpoint (as ``elinspect.eval`` does; loaded with
-``weights_only=True``), and an input is resized the way the run's datamodule resized its
-images (a datamodule's cell cropping is not repeated: give cropped cells); nothing is downloaded (``weights`` entries are ignored: the checkpoint holds them).
+``weights_only=True``), and an input is prepared as the run's datamodule prepares a test image
+(grey or RGB decoding, cell cut-out, resize: :class:`~elinspect.inference.Preprocessing`, as
+``predict`` does); with a cell cut-out the map and overlay have the cell's size. A second file
+of the same stem (``a.png`` beside ``a.jpg``) writes ``<stem>_<suffix>_gradcam.*``. Nothing is
+downloaded (``weights`` entries are ignored: the checkpoint holds them).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from elinspect.data.box_transforms import resize_with_boxes
 from elinspect.data.images import read_image, to_tensor_layout
 from elinspect.data.transforms import resize
 from elinspect.drawing import draw_detections
-from elinspect.inference import load_model
+from elinspect.inference import Preprocessing, load_model
 from elinspect.utils.checkpoint import read_checkpoint
 from elinspect.utils.errors import UserError, user_errors
 from elinspect.utils.library_warnings import silence_library_warnings
@@ -361,6 +364,7 @@ class Explainer:
     alpha: float = 0.5
     cmap: str = "jet"
     device: str = "cpu"
+    preprocessing: Preprocessing | None = None  # the checkpoint's (load_model); None: resize only
 
     def __post_init__(self) -> None:
         self.module = self.module.to(self.device).eval()
@@ -378,14 +382,29 @@ class Explainer:
         index = label - 1 if self.is_detector else label
         return self.names[index] if 0 <= index < len(self.names) else str(label)
 
-    def explain(self, path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """(overlay RGB uint8, raw map float32, summary) of one image file, both at the file's size."""
+    def prepare(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """``(input C×H×W float32, view RGB uint8)`` of an image file: as the checkpoint's
+        datamodule prepares a test image (grey or RGB decoding, cell cut-out, resize), or with
+        no ``preprocessing`` only resized as the stored data config says."""
         original = read_image(path, grey=False)
+        if self.preprocessing is not None:
+            return self.preprocessing(path, original)
+        if self.is_detector:
+            image, _ = resize_with_boxes(
+                original, np.zeros((0, 4), np.float32), self.image_size, self.resize_mode
+            )
+            return to_tensor_layout(image, 3), original
+        image = resize(original, int(self.image_size)) if self.image_size else original
+        return to_tensor_layout(image, self.channels), original
+
+    def explain(self, path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """(overlay RGB uint8, raw map float32, summary) of one image file, both at the size of
+        the picture the input was made from (the file, or the cell a datamodule cuts out)."""
+        array, original = self.prepare(path)
         height, width = original.shape[:2]
         if self.is_detector:
-            return self._explain_detection(original, path)
-        image = resize(original, int(self.image_size)) if self.image_size else original
-        tensor = torch.from_numpy(to_tensor_layout(image, self.channels))[None].to(self.device)
+            return self._explain_detection(torch.from_numpy(array).to(self.device), original, path)
+        tensor = torch.from_numpy(array)[None].to(self.device)
         cams, classes, logits = explain_classifier(
             self.module, self.layer_module, tensor, self.target, size=(height, width)
         )
@@ -402,13 +421,9 @@ class Explainer:
         return overlay(original, cam, self.alpha, self.cmap), cam, summary
 
     def _explain_detection(
-        self, original: np.ndarray, path: Path
+        self, tensor: Tensor, original: np.ndarray, path: Path
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         height, width = original.shape[:2]
-        image, _ = resize_with_boxes(
-            original, np.zeros((0, 4), np.float32), self.image_size, self.resize_mode
-        )
-        tensor = torch.from_numpy(to_tensor_layout(image, 3)).to(self.device)
         rcnn = self.module.model
         result = explain_detector(
             rcnn,
@@ -424,7 +439,7 @@ class Explainer:
             result.cam[None, None], size=(height, width), mode="bilinear", align_corners=False
         )[0, 0]
         cam_np = cam.cpu().numpy().astype(np.float32)
-        scale = torch.tensor([width / image.shape[1], height / image.shape[0]] * 2)
+        scale = torch.tensor([width / tensor.shape[-1], height / tensor.shape[-2]] * 2)
         boxes = result.boxes.cpu() * scale
         idx = result.explained.cpu()
         picture = overlay(original, cam_np, self.alpha, self.cmap)
@@ -452,13 +467,17 @@ class Explainer:
 
 
 def explain_files(explainer: Explainer, files: Sequence[Path], output: str | Path) -> list[dict[str, Any]]:
-    """Explain each file, writing ``<stem>_gradcam.{png,npy}`` and ``explanations.jsonl`` to ``output``."""
+    """Explain each file, writing ``<stem>_gradcam.{png,npy}`` and ``explanations.jsonl`` to
+    ``output`` (``<stem>_<suffix>_gradcam.*`` for a second file of the same stem: a.png, a.jpg)."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     summaries = []
+    used: set[str] = set()
     for path in files:
         picture, cam, summary = explainer.explain(path)
-        png, npy = output / f"{path.stem}_gradcam.png", output / f"{path.stem}_gradcam.npy"
+        stem = path.stem if path.stem not in used else f"{path.stem}_{path.suffix.lstrip('.')}"
+        used.add(stem)
+        png, npy = output / f"{stem}_gradcam.png", output / f"{stem}_gradcam.npy"
         if not cv2.imwrite(str(png), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
             raise OSError(f"cannot write {png}")
         np.save(npy, cam)
@@ -476,8 +495,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     device = cfg.get("device") or "auto"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = load_model(cfg.ckpt_path)
     explainer = Explainer(
-        load_model(cfg.ckpt_path).module,
+        loaded.module,
         layer=cfg.get("layer"),
         level=None if cfg.get("level") is None else str(cfg.level),
         target_class=cfg.get("target_class"),
@@ -487,6 +507,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         alpha=float(cfg.get("alpha", 0.5)),
         cmap=cfg.get("cmap", "jet"),
         device=device,
+        preprocessing=loaded.preprocessing,
     )
     summaries = explain_files(explainer, input_files(cfg.input), cfg.output)
     log.info("%d explanation(s) in %s", len(summaries), cfg.output)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from elinspect.build import stored_config
+from elinspect.data.images import read_image
 from elinspect.data.info import DatasetInfo
 from elinspect.explain import (
     Explainer,
@@ -130,6 +131,42 @@ def test_explain_a_classifier_checkpoint(make_cfg, tmp_path: Path) -> None:
         Explainer(module, layer="net.nope")
     with pytest.raises(CheckpointError, match="missing.ckpt does not exist"):
         load_model(tmp_path / "missing.ckpt")
+
+
+def test_explain_prepares_an_image_as_the_checkpoints_datamodule_does(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ELPV decodes its cells as grey (repeated to 3 channels): a colour file given to explain
+    must reach the model as predict and the test set prepare it, not as RGB. And two files of
+    one stem (a.png, a.jpg) get an explanation each, not one written over the other."""
+    info = DatasetInfo("classification", ("normal", "defective"), 3, (5, 5))
+    ckpt = tmp_path / "classifier.ckpt"
+    resnet = ["model.net.arch=resnet18", "model.net.weights=null"]
+    save_module(make_cfg, ["model=classifier", "data=elpv", "data.image_size=32", *resnet], info, ckpt)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    red = np.zeros((40, 30, 3), np.uint8)
+    red[..., 2] = 255  # BGR: pure red
+    cv2.imwrite(str(inputs / "a.png"), red)
+    write_image(inputs / "a.jpg", 50, 20, colour=True)
+    seen = []
+
+    def spy(module, layer, tensor, *args, **kwargs):
+        seen.append(tensor.detach().cpu())
+        return explain_classifier(module, layer, tensor, *args, **kwargs)
+
+    monkeypatch.setattr("elinspect.explain.explain_classifier", spy)
+    out = tmp_path / "explained"
+    summaries = run(explain_cfg(make_cfg, [f"ckpt_path={ckpt}", f"input={inputs}", f"output={out}"]))
+    expected, _ = load_model(ckpt).preprocessing(inputs / "a.png", read_image(inputs / "a.png", grey=False))
+    red_input = seen[[s["input"] for s in summaries].index(str(inputs / "a.png"))][0]
+    torch.testing.assert_close(red_input, torch.from_numpy(expected))
+    assert torch.allclose(
+        red_input, torch.full_like(red_input, 76 / 255), atol=1 / 255
+    )  # grey, not (1, 0, 0)
+    maps = [s["map"] for s in summaries]
+    assert len(set(maps)) == 2 and len({s["overlay"] for s in summaries}) == 2
+    assert {np.load(out / m).shape for m in maps} == {(40, 30), (50, 20)}
 
 
 def test_the_default_layer_of_an_efficientnet_classifier_is_its_last_conv() -> None:
