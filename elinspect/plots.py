@@ -15,8 +15,10 @@ sigmoid, which ties large distances.
 **PR curves of a detector** (from ``test/detections.jsonl``): per class, detections are
 matched to the image's boxes of that class at IoU ≥ 0.5 (torchvision's ``box_iou``): in
 order of decreasing score, each detection takes the unmatched, non-difficult box of highest
-IoU (a true positive); a detection that only overlaps a difficult box is ignored (VOC
-convention); every other detection is a false positive. At most ``max_detections`` (100,
+IoU (a true positive); a detection that matches none but lies on a difficult box of its
+class is ignored, by the rule of the logged mAP (COCO's crowd regions: at least half of the
+detection's area inside the box, :func:`~elinspect.utils.boxes.on_ignored_region`);
+every other detection is a false positive. At most ``max_detections`` (100,
 COCO's ``maxDets``) detections per image and class count. Precision and recall are taken
 after each detection in order of decreasing score over all images. The AP shown beside a
 curve is COCO's 101-point interpolated precision — the rule of the logged
@@ -38,6 +40,8 @@ import torch
 from matplotlib.figure import Figure
 from torchmetrics.functional.classification import binary_auroc, binary_roc, multiclass_confusion_matrix
 from torchvision.ops import box_iou
+
+from elinspect.utils.boxes import on_ignored_region
 
 MAX_LABEL_CHARS = 48
 
@@ -125,6 +129,7 @@ def match_class(
     scores = scores[order]
     det_boxes = _boxes(det["boxes"])[keep][order]
     iou = box_iou(det_boxes, gt_boxes)  # (D, G)
+    ignored = on_ignored_region(det_boxes, gt_boxes[difficult], iou_threshold)
     matched = torch.zeros(len(gt_boxes), dtype=torch.bool)
     kept_scores, positive = [], []
     for i in range(len(det_boxes)):
@@ -134,7 +139,7 @@ def match_class(
             matched[best] = True
             kept_scores.append(float(scores[i]))
             positive.append(True)
-        elif bool((iou[i][difficult] >= iou_threshold).any()):
+        elif bool(ignored[i]):
             continue  # on a difficult box: neither right nor wrong
         else:
             kept_scores.append(float(scores[i]))

@@ -21,7 +21,7 @@ import yaml
 
 from elinspect.build import build_datamodule_and_model
 from elinspect.callbacks.test_predictions import TestPredictionsCallback, image_rows
-from elinspect.metrics.detection import DetectionMetrics
+from elinspect.metrics.detection import DetectionMetrics, confusion_counts
 from elinspect.plots import (
     classification_confusion,
     coco_average_precision,
@@ -125,6 +125,42 @@ def test_pr_curve_ap_agrees_with_the_logged_ap50() -> None:
     for curve in detection_pr_curves(records, ["crack", "finger"]):
         assert curve.area == pytest.approx(float(logged[f"ap_50/{curve.label}"]), abs=1e-6), curve.label
     assert coco_average_precision(np.array([]), np.array([])) == 0.0
+
+
+def test_a_detection_inside_a_difficult_box_is_ignored_by_the_curve_and_matrix_as_by_the_map() -> None:
+    """The logged mAP passes difficult boxes as COCO crowd regions, which ignore a detection
+    whose own area lies inside one by at least half, whatever their IoU (here 0.04). The PR
+    curve, whose AP is drawn as the logged one, and the confusion matrix must ignore it too,
+    not count a false positive."""
+    target = {
+        "boxes": torch.tensor([[0.0, 0, 100, 100], [200, 200, 250, 250]]),
+        "labels": torch.tensor([1, 1]),
+        "difficult": torch.tensor([True, False]),
+    }
+    pred = {
+        "boxes": torch.tensor([[10.0, 10, 30, 30], [200, 200, 250, 250]]),
+        "labels": torch.tensor([1, 1]),
+        "scores": torch.tensor([0.9, 0.8]),
+    }
+    metrics = DetectionMetrics(["crack"])
+    metrics.update([pred], [target])
+    logged = float(metrics.compute()["ap_50/crack"])
+    assert logged == pytest.approx(1.0)
+    as_record = record(
+        [(b, 1) for b in target["boxes"].tolist()],
+        [(b, 1, s) for b, s in zip(pred["boxes"].tolist(), pred["scores"].tolist(), strict=True)],
+        difficult=[True, False],
+    )
+    assert detection_pr_curve([as_record], [1]).area == pytest.approx(logged)
+    counts = confusion_counts(pred, target, num_classes=1)
+    assert counts.tolist() == [[1, 0], [0, 0]]  # the normal box found; no false positive
+    # a detection mostly outside the difficult box is a false positive for all three
+    outside = {**pred, "boxes": torch.tensor([[80.0, 80, 130, 130], [200, 200, 250, 250]])}
+    metrics = DetectionMetrics(["crack"])
+    metrics.update([outside], [target])
+    as_record["detections"]["boxes"] = outside["boxes"].tolist()
+    assert detection_pr_curve([as_record], [1]).area == pytest.approx(float(metrics.compute()["ap_50/crack"]))
+    assert confusion_counts(outside, target, num_classes=1).tolist() == [[1, 0], [1, 0]]
 
 
 def test_image_rows_of_an_anomaly_model_use_its_threshold() -> None:

@@ -45,6 +45,7 @@ from torchvision.ops import box_iou
 
 from elinspect.metrics.repeats import counted_once
 from elinspect.plots import confusion_figure, save_figure
+from elinspect.utils.boxes import on_ignored_region
 
 BACKGROUND = "background"
 
@@ -209,10 +210,10 @@ def confusion_counts(
     Greedy matching, class-agnostic so that confusions between classes show: detections
     with ``score >= score_threshold`` are taken in order of decreasing score; each is matched
     to the still unmatched, non-difficult box of highest IoU if that IoU is ``>= iou_threshold``
-    (count at [true class, predicted class]); failing that, a detection overlapping a
-    difficult box by ``iou_threshold`` is dropped (VOC convention); any other detection is a
-    false positive (row background). Boxes left unmatched are misses (column background);
-    difficult boxes are never counted.
+    (count at [true class, predicted class]); failing that, a detection lying on a difficult
+    box is dropped, as the mAP drops it (:func:`~elinspect.utils.boxes.on_ignored_region`: at least ``iou_threshold``
+    of its area inside); any other detection is a false positive (row background). Boxes left
+    unmatched are misses (column background); difficult boxes are never counted.
     """
     counts = torch.zeros(num_classes + 1, num_classes + 1, dtype=torch.int64)
     bg = num_classes
@@ -225,6 +226,7 @@ def confusion_counts(
     difficult = target.get("difficult")
     difficult = torch.zeros(len(t_labels), dtype=torch.bool) if difficult is None else difficult.cpu().bool()
     iou = box_iou(p_boxes, t_boxes)  # (P, T)
+    ignored = on_ignored_region(p_boxes, t_boxes[difficult], iou_threshold)
     matched = torch.zeros(len(t_labels), dtype=torch.bool)
     for i, p_label in enumerate(p_labels.tolist()):
         candidates = iou[i].masked_fill(matched | difficult, -1.0)
@@ -232,7 +234,7 @@ def confusion_counts(
         if best >= 0 and candidates[best] >= iou_threshold:
             matched[best] = True
             counts[t_labels[best], p_label] += 1
-        elif bool((iou[i][difficult] >= iou_threshold).any()):
+        elif bool(ignored[i]):
             continue
         else:
             counts[bg, p_label] += 1
