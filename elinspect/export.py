@@ -330,7 +330,9 @@ def make_inputs(
     if not ready:
         raise ValueError(f"images={images}: no image could be read for the parity check")
     check = torch.stack([item.tensor for item in ready])
-    trace = torch.rand(check.shape, generator=generator)
+    # traced at another batch size than the check's, as above (one image: never traced at 1)
+    trace_shape = (len(check) + 1 if family.dynamic_batch else len(check), *check.shape[1:])
+    trace = torch.rand(trace_shape, generator=generator)
     names = ", ".join(item.path.name for item in ready)
     return ExportInputs((trace,), (check,), f"images {names} ({images})")
 

@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -81,6 +82,23 @@ def test_padim_export_matches_pytorch(
     assert sidecar["thresholds"]["threshold"] == pytest.approx(threshold)
     if fmt == "onnx":
         assert "dynamo=True" in sidecar["exporter"]
+
+
+def test_an_export_checked_on_one_image_takes_any_batch_size(
+    padim_ckpt: Path, folder_data_factory, tmp_path: Path
+) -> None:
+    """Checked on a single image, the graph must still be traced at another batch size: traced
+    at batch 1, torch.export fixes the batch axis to 1 while the sidecar calls it ``batch``."""
+    import onnxruntime as ort
+
+    image = sorted((folder_data_factory() / "defect").glob("*/*.png"))[0]
+    out = tmp_path / "padim.onnx"
+    sidecar = check_export(padim_ckpt, "onnx", out, images=str(image))
+    assert sidecar["inputs"][0]["shape"][0] == "batch" and sidecar["parity"]["inputs"].startswith("images ")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    shape = [3, *sidecar["inputs"][0]["shape"][1:]]
+    results = session.run(None, {"images": np.random.default_rng(0).random(shape, dtype=np.float32)})
+    assert all(r.shape[0] == 3 for r in results)
 
 
 def test_an_existing_output_is_kept(classifier_ckpt: Path, tmp_path: Path) -> None:
