@@ -62,7 +62,7 @@ from elinspect.data.transforms import resize
 from elinspect.drawing import draw_detections
 from elinspect.inference import Preprocessing, load_model
 from elinspect.utils.checkpoint import read_checkpoint
-from elinspect.utils.errors import UserError, user_errors
+from elinspect.utils.errors import ConfigError, UserError, user_errors
 from elinspect.utils.library_warnings import silence_library_warnings
 from elinspect.utils.task import extras, print_config
 
@@ -490,12 +490,29 @@ def explain_files(explainer: Explainer, files: Sequence[Path], output: str | Pat
     return summaries
 
 
+def check_explainable(ckpt_path: str, module: nn.Module) -> None:
+    """Refuse RDDN's TR-Pre and TR-Inter, which read each image beside its aligned template
+    (explain takes images only); TR-Post is explained before its template rescoring."""
+    template = getattr(module, "template", None)
+    if template in ("pre", "inter"):
+        raise ConfigError(
+            f"{ckpt_path}: an RDDN detector of template={template} reads every image beside its "
+            "aligned template, and explain takes images only; predict runs it with its templates"
+        )
+    if template == "post":
+        log.warning(
+            "template=post: the explained detections are the detector's before the template "
+            "rescoring (explain takes images only); predict rescores them"
+        )
+
+
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """``conf/explain.yaml``: load the checkpoint, explain every input image."""
     device = cfg.get("device") or "auto"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_model(cfg.ckpt_path)
+    check_explainable(cfg.ckpt_path, loaded.module)
     explainer = Explainer(
         loaded.module,
         layer=cfg.get("layer"),

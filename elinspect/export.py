@@ -89,7 +89,7 @@ from elinspect.inference import (
 )
 from elinspect.models.results import AnomalyResult, result_type
 from elinspect.utils.checkpoint import read_checkpoint
-from elinspect.utils.errors import user_errors
+from elinspect.utils.errors import ConfigError, user_errors
 from elinspect.utils.library_warnings import silence_library_warnings
 from elinspect.utils.outputs import OutputExistsError
 from elinspect.utils.task import extras, print_config
@@ -290,7 +290,7 @@ def input_shape(loaded: LoadedModel, family: Family, batch: int) -> tuple[int, .
     prep = loaded.preprocessing
     size = prep.image_size or (loaded.info.image_size[0] if loaded.info.image_size else None)
     if size is None:
-        raise ValueError(
+        raise ConfigError(
             f"model {loaded.name} was trained at the images' stored size (data.image_size null): "
             "give images=... to export at a real image's size"
         )
@@ -316,7 +316,7 @@ def make_inputs(
         trace = draw(trace_shape)
         return ExportInputs(trace, draw(shape), f"seeded random batch (seed {seed}) of shape {list(shape)}")
     if with_template:
-        raise ValueError("a template-reference detector is checked on random inputs: leave images=null")
+        raise ConfigError("a template-reference detector is checked on random inputs: leave images=null")
     files, _, _ = list_inputs(images)
     dataset = ImageFiles(files, loaded.preprocessing)
     want = 1 if family.detector else batch_size
@@ -328,7 +328,7 @@ def make_inputs(
         if len(ready) == want:
             break
     if not ready:
-        raise ValueError(f"images={images}: no image could be read for the parity check")
+        raise ConfigError(f"images={images}: no image could be read for the parity check")
     check = torch.stack([item.tensor for item in ready])
     # traced at another batch size than the check's, as above (one image: never traced at 1)
     trace_shape = (len(check) + 1 if family.dynamic_batch else len(check), *check.shape[1:])
@@ -545,9 +545,9 @@ def export_checkpoint(
     files are kept, the sidecar records the differences). A detector that finds nothing on the
     parity input is NOT CHECKED: the files are kept and the sidecar says ``"passed": null``."""
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
+        raise ConfigError(f"format must be one of {sorted(FORMATS)}, got {format!r}")
     if exporter is not None and exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {EXPORTERS} or null, got {exporter!r}")
+        raise ConfigError(f"exporter must be one of {EXPORTERS} or null, got {exporter!r}")
     console = console or Console()
     path = Path(output).expanduser() if output else Path(ckpt_path).expanduser().with_suffix(FORMATS[format])
     sidecar = path.with_name(path.name + ".json")

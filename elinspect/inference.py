@@ -96,9 +96,12 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; otherwise the named device (checked)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as error:
+        raise ConfigError(f"device={device!r} is not a device (auto, cpu, cuda, cuda:N): {error}") from error
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda was asked for, but no CUDA device is available (device=auto or cpu)")
+        raise ConfigError("device=cuda was asked for, but no CUDA device is available (device=auto or cpu)")
     return chosen
 
 

@@ -63,7 +63,7 @@ from elinspect.inference import (
     to_record,
 )
 from elinspect.utils.checkpoint import read_checkpoint
-from elinspect.utils.errors import user_errors
+from elinspect.utils.errors import ConfigError, user_errors
 from elinspect.utils.library_warnings import silence_library_warnings
 from elinspect.utils.outputs import OutputExistsError
 from elinspect.utils.task import extras, print_config
@@ -209,7 +209,7 @@ def predict_images(
 ) -> PredictionSummary:
     """Predict every image of ``input`` (a file, a directory or a glob) into ``output``."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     console = console or Console()
     output = Path(output).expanduser()
     check_output(output, overwrite)

@@ -32,6 +32,7 @@ from elinspect.explain import (
 )
 from elinspect.inference import CheckpointError, load_model
 from elinspect.models.build import build_model, effective_loss_config
+from elinspect.utils.errors import ConfigError
 from tests.conftest import FAST_DETECTOR_OVERRIDES, REPO
 
 
@@ -229,6 +230,21 @@ def test_explain_a_detector_checkpoint(make_cfg, tmp_path: Path) -> None:
     cam = np.load(out / "module_gradcam.npy")
     assert cam.shape == (80, 100) and np.isfinite(cam).all() and cam.std() > 0
     assert cv2.imread(str(out / "module_gradcam.png")).shape == (80, 100, 3)
+
+
+@pytest.mark.parametrize("template", ["pre", "inter"])
+def test_explain_refuses_a_detector_that_reads_a_template(make_cfg, tmp_path: Path, template: str) -> None:
+    """TR-Pre and TR-Inter read every image beside its aligned template; explain has no input
+    for one, so it says so instead of the detector's traceback."""
+    info = DatasetInfo("detection", ("crack", "finger"), 3, (3, 4))
+    ckpt = tmp_path / "rddn.ckpt"
+    overrides = ["model=rddn", "data=fabric", f"model.template={template}", *FAST_DETECTOR_OVERRIDES]
+    save_module(make_cfg, [*overrides, "model.detector.test_min_size=48"], info, ckpt)
+    source = write_image(tmp_path / "fabric.png", 48, 48, colour=True)
+    cfg = explain_cfg(make_cfg, [f"ckpt_path={ckpt}", f"input={source}", f"output={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=rf"template={template}.*aligned template.*predict"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -12,6 +12,9 @@ import pytest
 from hydra.errors import InstantiationException
 
 from elinspect.data.errors import DatasetError
+from elinspect.export import export_checkpoint
+from elinspect.inference import resolve_device
+from elinspect.predict import predict_images
 from elinspect.train import train
 from elinspect.utils.errors import USAGE_EXIT_CODE, ConfigError, UserError, find_user_error, user_errors
 from tests.conftest import REPO
@@ -120,3 +123,22 @@ def test_a_bug_keeps_its_traceback_and_verbose_shows_user_errors(capsys) -> None
         raise ConfigError("k must be 1")
     assert capsys.readouterr().err == ""
     assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, UserError)
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda: export_checkpoint("x.ckpt", "tflite"), "format must be one of"),
+        (lambda: export_checkpoint("x.ckpt", "onnx", exporter="x"), "exporter must be one of"),
+        (lambda: predict_images("x.ckpt", "in", "out", batch_size=0), "batch_size must be >= 1, got 0"),
+        (lambda: resolve_device("cuda"), "device=cuda was asked for, but no CUDA device"),
+        (lambda: resolve_device("gpu0"), "device='gpu0' is not a device"),
+    ],
+)
+def test_a_bad_export_or_predict_option_is_a_user_error(call, words, capsys, monkeypatch) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as stopped, user_errors({}):
+        call()
+    assert stopped.value.code == USAGE_EXIT_CODE
+    err = capsys.readouterr().err
+    assert err.startswith("error (ConfigError):") and words in err, err

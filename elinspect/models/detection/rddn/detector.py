@@ -68,7 +68,7 @@ POST_KEYS = frozenset({"stage", "features"})
 def extra_inputs_of(template: str) -> frozenset[str]:
     """What a batch must carry besides images and boxes: ``{"template"}``, ``{"normal"}`` or nothing."""
     if template not in TEMPLATE_MODES:
-        raise ValueError(f"template must be one of {TEMPLATE_MODES}, got {template!r}")
+        raise ConfigError(f"template must be one of {TEMPLATE_MODES}, got {template!r}")
     if template in ("pre", "inter", "post"):
         return frozenset({"template"})
     if template == "ptg":
@@ -149,13 +149,13 @@ class RddnFasterRCNN(GeneralizedRCNN):
     ) -> RddnFasterRCNN:
         """RDDN from a built Faster R-CNN's parts (shared, not copied); new PTG generators if asked."""
         if template not in TEMPLATE_MODES:
-            raise ValueError(f"template must be one of {TEMPLATE_MODES}, got {template!r}")
+            raise ConfigError(f"template must be one of {TEMPLATE_MODES}, got {template!r}")
         ptg = dict(ptg or {})
         post = dict(post or {})
         for name, options, allowed in (("ptg", ptg, PTG_KEYS), ("post", post, POST_KEYS)):
             unknown = sorted(set(options) - allowed)
             if unknown:
-                raise ValueError(f"unknown {name} options {unknown}; allowed: {sorted(allowed)}")
+                raise ConfigError(f"unknown {name} options {unknown}; allowed: {sorted(allowed)}")
         generators = None
         if template == "ptg":
             body_channels = body_output_channels(model.backbone)
