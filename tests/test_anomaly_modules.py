@@ -416,6 +416,33 @@ def test_heatmap_callback_saves_overlays_of_validation_images(fitted_padim, tmp_
     assert not torch.equal(picture[:, :, :64], picture[:, :, 64:])  # the heatmap is drawn over the image
 
 
+def test_heatmap_captions_give_the_images_score_not_the_maps_maximum(
+    fitted_padim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caption's score is the image score the model decides by (GAN-AE's eq. 7, the
+    autoencoder's pooled map), not the maximum of the drawn map; here the scores are shifted
+    by 100 so that the two differ."""
+    module = copy.deepcopy(fitted_padim[0])
+    scored = module.score_batch
+    shifted: list[float] = []
+
+    def shifted_scores(batch, split):
+        out = scored(batch, split)
+        shifted.extend((out["scores"] + 100.0).tolist())
+        return {**out, "scores": out["scores"] + 100.0}
+
+    monkeypatch.setattr(module, "score_batch", shifted_scores)
+    captions: list[str] = []
+    monkeypatch.setattr(
+        "elinspect.callbacks.anomaly_visuals.save_and_log_pictures",
+        lambda trainer, key, pictures, paths, caption_list: captions.extend(caption_list),
+    )
+    trainer(1, callbacks=[AnomalyHeatmapCallback(num_images=3)], default_root_dir=tmp_path).validate(
+        module, toy_loader(4, seed=50, batch_size=2), verbose=False
+    )
+    assert captions == [f"normal, score {score:.3g}" for score in shifted[:3]]
+
+
 def test_a_non_finite_score_stops_the_epoch_naming_the_images(fitted_padim) -> None:
     """A NaN score would be dropped by the score collector while its label stays (every later
     pair shifted); it raises instead, naming the batch's images."""

@@ -4,7 +4,8 @@ At the end of every ``every_n_epochs``-th validation epoch the first ``num_image
 validation images are saved as ``<trainer.default_root_dir>/visuals/epoch_XXX/NN.png``:
 the grey image on the left, the image blended with its anomaly map in a matplotlib colour
 map (``jet``) on the right; with a :class:`~lightning.pytorch.loggers.WandbLogger`
-attached they are also logged to W&B under ``val/heatmaps`` with label and score as caption.
+attached they are also logged to W&B under ``val/heatmaps``, captioned with the label and the
+image score the model decides by.
 All maps of one epoch share one colour scale (0 … the largest value among them), so
 brighter means more anomalous across the pictures too.
 
@@ -42,7 +43,7 @@ class AnomalyHeatmapCallback(L.Callback):
         self.every_n_epochs = every_n_epochs
         self.alpha = alpha
         self.cmap = cmap
-        self._samples: list[tuple[Tensor, Tensor, int]] = []
+        self._samples: list[tuple[Tensor, Tensor, int, float]] = []
 
     def _active(self, trainer: L.Trainer) -> bool:
         return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
@@ -64,22 +65,24 @@ class AnomalyHeatmapCallback(L.Callback):
         if not isinstance(outputs, dict) or "anomaly_maps" not in outputs:
             return
         labels = batch.get("label", torch.full((len(batch["image"]),), -1))
-        for image, heatmap, label in zip(batch["image"], outputs["anomaly_maps"], labels, strict=True):
+        maps = outputs["anomaly_maps"]
+        scores = outputs.get("scores", maps.flatten(1).amax(dim=1))  # the image score, when given
+        for image, heatmap, label, score in zip(batch["image"], maps, labels, scores, strict=True):
             if len(self._samples) >= self.num_images:
                 break
-            self._samples.append((image.detach().cpu(), heatmap.detach().cpu(), int(label)))
+            self._samples.append((image.detach().cpu(), heatmap.detach().cpu(), int(label), float(score)))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         samples, self._samples = self._samples, []
         if not self._active(trainer) or not samples or not trainer.is_global_zero:
             return
-        vmax = max(float(heatmap.max()) for _, heatmap, _ in samples)
+        vmax = max(float(heatmap.max()) for _, heatmap, _, _ in samples)
         directory = epoch_directory(trainer)
         class_names = list(getattr(pl_module, "class_names", []) or [])
         pictures, captions = [], []
-        for image, heatmap, label in samples:
+        for image, heatmap, label, score in samples:
             pictures.append(heatmap_overlay(image, heatmap, vmax, self.alpha, self.cmap))
             name = class_names[label] if 0 <= label < len(class_names) else str(label)
-            captions.append(f"{name}, score {float(heatmap.max()):.3g}")
+            captions.append(f"{name}, score {score:.3g}")
         paths = [directory / f"{i:02d}.png" for i in range(len(pictures))]
         save_and_log_pictures(trainer, "val/heatmaps", pictures, paths, captions)
