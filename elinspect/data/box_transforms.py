@@ -34,7 +34,7 @@ def detection_augmentation(
     There is no random scale here: torchvision's ``GeneralizedRCNNTransform`` resizes every
     image to the detector's ``min_size`` / ``fixed_size``, so a rescaled image reaches the
     backbone at the same size (only blurred by an extra resampling). Multi-scale training is
-    the detector's: ``model.detector.min_size=[...]``, one size drawn per training batch.
+    the detector's: ``model.detector.min_size=[...]``, one size drawn per training image.
     ``scale_limit`` > 0 is refused with that advice.
     """
     if scale_limit > 0 and scale_p > 0:

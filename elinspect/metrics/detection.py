@@ -151,7 +151,9 @@ class DetectionMetrics(nn.Module):
 
     :meth:`compute` returns (keys without the split prefix)
 
-    - ``map_50``, ``map``, ``mar_100``: over all classes;
+    - ``map_50``, ``map``, ``mar_100``: over all classes; ``mar_100`` is COCO's recall averaged
+      over IoU 0.5:0.95 (up to 100 detections), lower than the recall at IoU 0.5 that VOC tools
+      and the EBBA paper report (``recall/<class>`` is at 0.5);
     - ``ap_50/<class>``, ``recall/<class>``: AP and recall at IoU 0.5 (100 detections per image
       and class);
     - ``ap/<class>``: AP averaged over IoU 0.5:0.95.
