@@ -87,10 +87,15 @@ def metrics_files(job: Path) -> list[Path]:
 
 
 def final_metrics(job: Path) -> dict[str, float]:
-    """The last logged value of every metric column of the job's CSV logs."""
+    """The last logged value of every metric column of the job's CSV logs. A version that
+    trains (a run resumed in its own directory) drops the test numbers of the versions before
+    it: they belong to earlier weights, and the job's test is the one logged after its fit."""
     metrics: dict[str, float] = {}
     for csv in metrics_files(job):
         frame = pd.read_csv(csv)
+        logged = [c for c in frame.columns if frame[c].notna().any()]
+        if any(str(c).startswith(("train/", "val/")) for c in logged):
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("test/")}
         for column in frame.columns:
             values = frame[column].dropna()
             if column not in ("epoch", "step") and len(values):

@@ -386,6 +386,24 @@ def test_the_final_metrics_come_from_the_latest_csv_version(tmp_path: Path) -> N
     assert final_metrics(job)["test/f1"] == pytest.approx(0.9)
 
 
+def test_a_later_fit_without_a_test_drops_the_earlier_tests_numbers(tmp_path: Path) -> None:
+    """A run resumed in its own directory trains on (version_1) and stops before its test: the
+    test numbers of version_0 belong to weights that no longer are the run's, and a report must
+    not show them as its result. A later test (version_2) counts again."""
+    job = tmp_path / "job"
+
+    def version(number: int, rows: list[dict]) -> None:
+        (job / "csv" / f"version_{number}").mkdir(parents=True)
+        pd.DataFrame(rows).to_csv(job / "csv" / f"version_{number}" / "metrics.csv", index=False)
+
+    version(0, [{"epoch": 0, "step": 9, "val/f1": 0.5}, {"epoch": 0, "step": 9, "test/f1": 0.6}])
+    version(1, [{"epoch": 1, "step": 19, "val/f1": 0.7}])
+    metrics = final_metrics(job)
+    assert metrics["val/f1"] == pytest.approx(0.7) and "test/f1" not in metrics
+    version(2, [{"epoch": 1, "step": 19, "test/f1": 0.8}])  # train=false ckpt_path=...: a test only
+    assert final_metrics(job)["test/f1"] == pytest.approx(0.8)
+
+
 def test_report_cli_keeps_its_table_only_mode(sweep: Path) -> None:
     main([str(sweep), "--no-plots", "--metrics", "test/f1", "--no-aggregate"])
     assert not list(sweep.rglob("*.png"))
