@@ -305,6 +305,15 @@ def make_inputs(
     generator = torch.Generator().manual_seed(seed)
     if images is None:
         shape = input_shape(loaded, family, batch_size)
+        if family.detector and loaded.preprocessing.resize == "longer":
+            log.warning(
+                "%s was trained with resize: longer (each image's aspect ratio kept), and a detector "
+                "is exported at one fixed input size: %d×%d here; give images=... to export at the "
+                "size of the images it will see",
+                loaded.name,
+                shape[2],
+                shape[3],
+            )
         # a different batch size for tracing shows that the exported batch axis is dynamic; never
         # 1: torch.export specialises a dimension of size 1, and the graph would take batch 1 only
         trace_shape = (shape[0] + 1 if family.dynamic_batch else shape[0], *shape[1:])

@@ -150,6 +150,35 @@ def test_a_detector_that_finds_nothing_on_the_parity_input_is_not_a_pass() -> No
     assert missed.passed is False and missed.verdict == "FAIL"
 
 
+def test_a_detector_trained_on_kept_aspect_ratios_is_told_to_export_at_an_images_size(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``resize: longer`` keeps each image's aspect ratio, but a detector is traced at one fixed
+    size: without ``images`` that is S×S, which no test image of the run had. Say so."""
+    from types import SimpleNamespace
+
+    from elinspect.export import make_inputs
+    from elinspect.inference import Preprocessing
+
+    detector = FAMILIES[-1]
+    assert detector.detector
+
+    def loaded(resize: str) -> SimpleNamespace:
+        prep = Preprocessing(
+            "VocDataModule", grey=False, channels=3, image_size=32, resize=resize, stack=False
+        )
+        return SimpleNamespace(
+            preprocessing=prep, needs_template=False, info=SimpleNamespace(image_size=None), name="m"
+        )
+
+    with caplog.at_level("WARNING", logger="elinspect.export"):
+        inputs = make_inputs(loaded("square"), detector, batch_size=2, seed=0, images=None)
+    assert inputs.check[0].shape == (1, 3, 32, 32) and "images=" not in caplog.text
+    with caplog.at_level("WARNING", logger="elinspect.export"):
+        make_inputs(loaded("longer"), detector, batch_size=2, seed=0, images=None)
+    assert "resize: longer" in caplog.text and "images=" in caplog.text
+
+
 def test_a_model_without_an_export_family_is_named() -> None:
     class Unknown(nn.Module):
         pass
