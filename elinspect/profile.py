@@ -24,16 +24,21 @@ import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
 from elinspect.data.info import DatasetInfo
 from elinspect.models.build import build_model, effective_loss_config
 from elinspect.models.profile import group_table, parameter_table, profile_groups, profile_inputs
+from elinspect.utils.errors import user_errors
 from elinspect.utils.paths import CONFIG_DIR
 
 
-def build_for_profile(overrides: list[str], num_classes: int) -> nn.Module:
+def build_for_profile(overrides: list[str], num_classes: int | None = None) -> nn.Module:
     """The model ``python -m elinspect.train <overrides>`` would train, for ``num_classes``
-    classes (no dataset needed: class names and counts are placeholders)."""
+    classes (no dataset needed: class names and counts are placeholders; None: 2 for an
+    anomaly model, normal and defective, 5 for the others, EBBA's)."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
         cfg = compose(config_name="train.yaml", overrides=overrides)
+    task = get_class(cfg.model._target_).task
+    if num_classes is None:
+        num_classes = 2 if task == "anomaly" else 5
     info = DatasetInfo(
-        task=get_class(cfg.model._target_).task,
+        task=task,
         class_names=tuple(f"class_{i}" for i in range(num_classes)),
         in_channels=3,
         class_counts=(1,) * num_classes,
@@ -49,7 +54,12 @@ def main(argv: list[str] | None = None) -> None:
         "(RDDN Table VIII), of a configured model."
     )
     parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m elinspect.train")
-    parser.add_argument("--classes", type=int, default=5, help="number of classes (default 5, EBBA's)")
+    parser.add_argument(
+        "--classes",
+        type=int,
+        default=None,
+        help="number of classes (default: 2 for anomaly models, else 5, EBBA's)",
+    )
     parser.add_argument("--depth", type=int, default=3, help="module-path depth of the parameter table")
     parser.add_argument(
         "--params-only", action="store_true", help="only the parameter table (no forward pass)"
@@ -63,14 +73,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model = build_for_profile(args.overrides, args.classes)
+    with user_errors({}):
+        model = build_for_profile(args.overrides, args.classes)
     name = " ".join(args.overrides) or "the default model"
     # wide enough for the group table's columns when the output is a file or a pipe (80 by default)
     console = Console(width=None if sys.stdout.isatty() else 140)
 
     rows = parameter_table(model, depth=args.depth)
     total = sum(n for _, n in rows)
-    table = Table(title=f"parameters of {name} ({args.classes} classes)")
+    table = Table(title=f"parameters of {name} ({len(model.class_names)} classes)")
     table.add_column("module")
     table.add_column("parameters", justify="right")
     table.add_column("share", justify="right")

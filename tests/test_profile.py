@@ -163,6 +163,17 @@ def test_command_line_prints_the_parameter_and_group_tables(capsys) -> None:
         assert group in out, group
 
 
+def test_an_anomaly_model_is_profiled_with_its_two_classes(capsys) -> None:
+    """Anomaly models score normal against defective and refuse other class counts; the
+    command's default class count (5, EBBA's) is for the detectors."""
+    main(["model=padim", "model.padim.weights=null", "--params-only"])
+    assert "(2 classes)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:
+        main(["model=padim", "model.padim.weights=null", "--params-only", "--classes", "5"])
+    assert stopped.value.code == 2
+    assert "PadimModule scores images as normal or defective" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_profile_reports_the_allocator_peak_of_each_group() -> None:
