@@ -221,7 +221,7 @@ def classification_confusion(predictions: pd.DataFrame, num_classes: int | None 
         num_classes = (
             int(
                 max(
-                    int(target.max(initial=0)) if len(target) else 0,
+                    int(target.max()) if len(target) else 0,
                     int(predicted.max()) if len(predicted) else 0,
                 )
             )

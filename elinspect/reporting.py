@@ -254,14 +254,27 @@ def read_history(job: Path) -> dict[str, pd.DataFrame]:
     return figures.training_history(pd.concat(frames, ignore_index=True)) if frames else {}
 
 
+def tested_since_last_fit(job: Path) -> bool:
+    """Whether ``<job>/test/`` belongs to the job's last weights: False where the CSV logs show a
+    fit after the last test (a run resumed in its own directory that stopped before testing),
+    as :func:`final_metrics` then drops the test numbers; True without CSV logs."""
+    if not metrics_files(job):
+        return True
+    return any(key.startswith("test/") for key in final_metrics(job))
+
+
 def job_plots(job: Path, title: str = "") -> dict[str, Path]:
     """Draw the job's own figures into ``<job>/plots/`` (see the module docstring); returns
-    ``{kind: png path}`` for those it could draw from the files present."""
+    ``{kind: png path}`` for those it could draw from the files present (the test's files only
+    where they belong to the job's last weights: :func:`tested_since_last_fit`)."""
     out: dict[str, Path] = {}
     directory = job / PLOTS_DIR
     figure = figures.training_curves_figure(read_history(job), title)
     if figure is not None:
         out["training_curves"] = figures.save_figure(figure, directory / "training_curves.png")
+    if not tested_since_last_fit(job):
+        log.warning("%s: its test files predate its last fit (not tested since): not drawn", job)
+        return out
     names = class_names_of(job)
     predictions = read_predictions(job)
     if predictions is not None and len(predictions):

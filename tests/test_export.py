@@ -43,10 +43,16 @@ def quiet() -> Console:
     return Console(file=io.StringIO(), width=200)
 
 
-def check_export(ckpt: Path, fmt: str, out: Path, **options) -> dict:
-    """Export, assert every output passed within its tolerance; return the sidecar."""
+def check_export(ckpt: Path, fmt: str, out: Path, unchecked_ok: bool = False, **options) -> dict:
+    """Export, assert every output passed within its tolerance; return the sidecar.
+    ``unchecked_ok``: a detector that finds nothing on the parity input (NOT CHECKED) is
+    accepted, and its sidecar must say so."""
     result = export_checkpoint(ckpt, fmt, out, console=quiet(), **options)
     assert result.path == out and out.is_file()
+    if unchecked_ok and result.passed is None:
+        sidecar = json.loads(result.sidecar.read_text())
+        assert sidecar["parity"]["passed"] is None and result.verdict == "NOT CHECKED"
+        return sidecar
     assert result.passed and len(result.checks) >= 2
     for check in result.checks:
         assert check.max_abs_diff <= check.atol, check  # within the absolute tolerance alone
@@ -291,7 +297,9 @@ def test_a_checkpoint_of_the_default_config_exports_to_onnx(
     _, objects = train(compose_config("train.yaml", overrides, tmp_path / "run"))
     ckpt = tmp_path / f"{model}.ckpt"
     objects["trainer"].save_checkpoint(ckpt)
-    check_export(ckpt, "onnx", tmp_path / f"{model}.onnx", batch_size=2)
+    # a detector trained on one batch may find nothing to compare: NOT CHECKED, said as such
+    detector = data in ("pvel", "fabric")
+    check_export(ckpt, "onnx", tmp_path / f"{model}.onnx", batch_size=2, unchecked_ok=detector)
 
 
 def test_a_near_tie_at_the_detection_cap_is_not_a_parity_failure() -> None:

@@ -400,8 +400,16 @@ def test_a_later_fit_without_a_test_drops_the_earlier_tests_numbers(tmp_path: Pa
     version(1, [{"epoch": 1, "step": 19, "val/f1": 0.7}])
     metrics = final_metrics(job)
     assert metrics["val/f1"] == pytest.approx(0.7) and "test/f1" not in metrics
+    # the earlier test's files are not drawn as the job's either
+    (job / "test").mkdir()
+    pd.DataFrame({"target": [0, 1, 1, 0], "score": [0.1, 0.9, 0.8, 0.3], "predicted": [0, 1, 1, 0]}).to_csv(
+        job / "test" / "predictions.csv", index=False
+    )
+    drawn = job_plots(job)
+    assert "roc" not in drawn and "confusion_matrix" not in drawn and "training_curves" in drawn
     version(2, [{"epoch": 1, "step": 19, "test/f1": 0.8}])  # train=false ckpt_path=...: a test only
     assert final_metrics(job)["test/f1"] == pytest.approx(0.8)
+    assert {"roc", "confusion_matrix"} <= set(job_plots(job))
 
 
 def test_report_cli_keeps_its_table_only_mode(sweep: Path) -> None:
