@@ -3,9 +3,9 @@
     python -m elinspect.eval ckpt_path=logs/train/runs/<run>/checkpoints/epoch_004.ckpt
     python -m elinspect.eval ckpt_path=... data.root=/data/elpv-copy    # same model, other data
 
-The model, data and loss settings stored in the checkpoint are used, so the command needs
-nothing but the checkpoint. A group named on the command line (``data=...``) replaces
-the stored one; ``group.key=value`` changes one field of the stored one.
+The model, data and loss settings (and the seed) stored in the checkpoint are used, so the
+command needs nothing but the checkpoint. A group named on the command line (``data=...``)
+replaces the stored one; ``group.key=value`` changes one field of the stored one.
 """
 
 from __future__ import annotations

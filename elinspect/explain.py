@@ -57,6 +57,7 @@ from torchvision.ops import boxes as box_ops
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
 from elinspect.data.box_transforms import resize_with_boxes
+from elinspect.data.errors import DatasetError
 from elinspect.data.images import read_image, to_tensor_layout
 from elinspect.data.transforms import resize
 from elinspect.drawing import draw_detections
@@ -468,13 +469,22 @@ class Explainer:
 
 def explain_files(explainer: Explainer, files: Sequence[Path], output: str | Path) -> list[dict[str, Any]]:
     """Explain each file, writing ``<stem>_gradcam.{png,npy}`` and ``explanations.jsonl`` to
-    ``output`` (``<stem>_<suffix>_gradcam.*`` for a second file of the same stem: a.png, a.jpg)."""
+    ``output`` (``<stem>_<suffix>_gradcam.*`` for a second file of the same stem: a.png, a.jpg).
+    A file that cannot be read or prepared (no cell found to cut out) is skipped, as predict
+    skips it: named with the reason in the log and in ``explanations.jsonl``, and counted.
+    Returns the explanations."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    summaries = []
+    summaries: list[dict[str, Any]] = []
+    lines: list[dict[str, Any]] = []
     used: set[str] = set()
     for path in files:
-        picture, cam, summary = explainer.explain(path)
+        try:
+            picture, cam, summary = explainer.explain(path)
+        except DatasetError as error:
+            log.warning("skipped %s", error)
+            lines.append({"input": str(path), "status": "skipped", "reason": error.problem})
+            continue
         stem = path.stem if path.stem not in used else f"{path.stem}_{path.suffix.lstrip('.')}"
         used.add(stem)
         png, npy = output / f"{stem}_gradcam.png", output / f"{stem}_gradcam.npy"
@@ -484,9 +494,16 @@ def explain_files(explainer: Explainer, files: Sequence[Path], output: str | Pat
         summaries.append(
             {"input": str(path), "overlay": png.name, "map": npy.name, "layer": explainer.layer, **summary}
         )
+        lines.append(summaries[-1])
     with (output / "explanations.jsonl").open("w") as f:
-        for summary in summaries:
-            f.write(json.dumps(summary) + "\n")
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    if len(summaries) < len(files):
+        log.warning(
+            "%d of %d inputs skipped (see the log and explanations.jsonl)",
+            len(files) - len(summaries),
+            len(files),
+        )
     return summaries
 
 

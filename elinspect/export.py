@@ -305,7 +305,7 @@ def make_inputs(
     generator = torch.Generator().manual_seed(seed)
     if images is None:
         shape = input_shape(loaded, family, batch_size)
-        if family.detector and loaded.preprocessing.resize == "longer":
+        if family.detector and loaded.preprocessing.resize == "longer" and not with_template:
             log.warning(
                 "%s was trained with resize: longer (each image's aspect ratio kept), and a detector "
                 "is exported at one fixed input size: %d×%d here; give images=... to export at the "

@@ -170,6 +170,30 @@ def test_explain_prepares_an_image_as_the_checkpoints_datamodule_does(
     assert {np.load(out / m).shape for m in maps} == {(40, 30), (50, 20)}
 
 
+def test_an_unreadable_input_is_skipped_and_counted_not_the_end_of_the_run(
+    make_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As predict does: a file that cannot be read is named with the reason, counted, and
+    listed in explanations.jsonl as skipped; the other inputs are explained."""
+    info = DatasetInfo("classification", ("normal", "defective"), 3, (5, 5))
+    ckpt = tmp_path / "classifier.ckpt"
+    resnet = ["model.net.arch=resnet18", "model.net.weights=null"]
+    save_module(make_cfg, ["model=classifier", "data=elpv", "data.image_size=32", *resnet], info, ckpt)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    write_image(inputs / "good.png", 40, 30, colour=False)
+    (inputs / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "explained"
+    with caplog.at_level("WARNING", logger="elinspect.explain"):
+        summaries = run(explain_cfg(make_cfg, [f"ckpt_path={ckpt}", f"input={inputs}", f"output={out}"]))
+    assert [Path(s["input"]).name for s in summaries] == ["good.png"]
+    lines = [json.loads(line) for line in (out / "explanations.jsonl").read_text().splitlines()]
+    skipped = [line for line in lines if line.get("status") == "skipped"]
+    assert len(lines) == 2 and [Path(line["input"]).name for line in skipped] == ["broken.png"]
+    assert "not an image" in skipped[0]["reason"] and not (out / "broken_gradcam.npy").exists()
+    assert "1 of 2 inputs skipped" in caplog.text
+
+
 def test_the_default_layer_of_an_efficientnet_classifier_is_its_last_conv() -> None:
     from elinspect.explain import default_layer
     from elinspect.models.classification import ClassifierModule, ImageClassifier

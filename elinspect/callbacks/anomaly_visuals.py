@@ -5,7 +5,8 @@ validation images are saved as ``<trainer.default_root_dir>/visuals/epoch_XXX/NN
 the grey image on the left, the image blended with its anomaly map in a matplotlib colour
 map (``jet``) on the right; with a :class:`~lightning.pytorch.loggers.WandbLogger`
 attached they are also logged to W&B under ``val/heatmaps``, captioned with the label and the
-image score the model decides by.
+image score the model decides by (the map's maximum where the validation step returns no
+score: SeMaCNN, which decides by its classifier).
 All maps of one epoch share one colour scale (0 … the largest value among them), so
 brighter means more anomalous across the pictures too.
 
