@@ -193,8 +193,19 @@ def test_eval_says_when_the_data_labels_its_images_by_another_rule(
     assert "labels" not in caplog.text
     with caplog.at_level("WARNING", logger="elinspect.eval"):
         evaluate(make_cfg("eval.yaml", [*common, "data=elpv", *FAST_DATA_OVERRIDES["elpv"]]))
-    assert "labelled defective if p > 0.3333" in caplog.text
-    assert "evaluated on data labelled defective if p > 0 " in caplog.text
+    assert "labelled defective if p ∈ {2/3, 1}" in caplog.text
+    assert "evaluated on data labelled defective if p ∈ {1/3, 2/3, 1} " in caplog.text
+    caplog.clear()  # rules that label every cell alike are the same labelling: p ≥ 2/3 is p > 1/3
+    same = [
+        *common,
+        "data=elpv",
+        *FAST_DATA_OVERRIDES["elpv"],
+        "data.threshold=0.6667",
+        "data.threshold_rule=ge",
+    ]
+    with caplog.at_level("WARNING", logger="elinspect.eval"):
+        evaluate(make_cfg("eval.yaml", same))
+    assert "labels" not in caplog.text
 
 
 def test_two_runs_with_the_same_seed_give_identical_metrics(make_cfg) -> None:

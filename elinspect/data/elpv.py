@@ -343,12 +343,15 @@ class ElpvDataModule(SplitDataModule):
 
     @property
     def labelling(self) -> str:
-        """The rule that made the labels: the binary classes are named alike at every threshold."""
+        """Which probability levels the labels call defective (the binary classes are named
+        alike at every threshold; rules that label alike, p > 0 and p ≥ 1/3, read alike)."""
         hp = self.hparams
         if hp.target == "four_class":
             return "the four probability levels"
-        rule = ">" if hp.threshold_rule == "gt" else "≥"
-        return f"defective if p {rule} {snap_to_level(hp.threshold):.4g}"
+        levels = np.asarray(PROBABILITY_LEVELS)
+        defective = levels[make_targets(levels, "binary", hp.threshold, hp.threshold_rule) == 1]
+        names = {0.0: "0", 1 / 3: "1/3", 2 / 3: "2/3", 1.0: "1"}
+        return "defective if p ∈ {" + ", ".join(names[float(level)] for level in defective) + "}"
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ class DatasetInfo:
     ``class_names[i - 1]``. ``class_counts`` holds the training split's number of
     samples (classification) or boxes (detection) per class, in the same order.
     ``labelling`` states the rule that made the labels where it is a setting and the class
-    names do not show it (ELPV: "defective if p > 0.3333"); None elsewhere.
+    names do not show it (ELPV: "defective if p ∈ {2/3, 1}"); None elsewhere.
     """
 
     task: str
