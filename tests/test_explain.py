@@ -95,15 +95,23 @@ def write_image(path: Path, height: int, width: int, colour: bool) -> Path:
     return path
 
 
+def classifier_checkpoint(make_cfg, tmp_path: Path, image_size: int) -> Path:
+    """A random-init ResNet-18 classifier of ELPV's two classes at ``image_size``, saved."""
+    info = DatasetInfo("classification", ("normal", "defective"), 3, (5, 5))
+    ckpt = tmp_path / "classifier.ckpt"
+    resnet = ["model.net.arch=resnet18", "model.net.weights=null"]
+    save_module(
+        make_cfg, ["model=classifier", "data=elpv", f"data.image_size={image_size}", *resnet], info, ckpt
+    )
+    return ckpt
+
+
 def explain_cfg(make_cfg, overrides: list[str]):
     return make_cfg("explain.yaml", ["device=cpu", *overrides], fast=False)
 
 
 def test_explain_a_classifier_checkpoint(make_cfg, tmp_path: Path) -> None:
-    info = DatasetInfo("classification", ("normal", "defective"), 3, (5, 5))
-    ckpt = tmp_path / "classifier.ckpt"
-    resnet = ["model.net.arch=resnet18", "model.net.weights=null"]
-    save_module(make_cfg, ["model=classifier", "data=elpv", "data.image_size=64", *resnet], info, ckpt)
+    ckpt = classifier_checkpoint(make_cfg, tmp_path, 64)
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     write_image(inputs / "cell_a.png", 90, 70, colour=False)
@@ -140,10 +148,7 @@ def test_explain_prepares_an_image_as_the_checkpoints_datamodule_does(
     """ELPV decodes its cells as grey (repeated to 3 channels): a colour file given to explain
     must reach the model as predict and the test set prepare it, not as RGB. And two files of
     one stem (a.png, a.jpg) get an explanation each, not one written over the other."""
-    info = DatasetInfo("classification", ("normal", "defective"), 3, (5, 5))
-    ckpt = tmp_path / "classifier.ckpt"
-    resnet = ["model.net.arch=resnet18", "model.net.weights=null"]
-    save_module(make_cfg, ["model=classifier", "data=elpv", "data.image_size=32", *resnet], info, ckpt)
+    ckpt = classifier_checkpoint(make_cfg, tmp_path, 32)
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     red = np.zeros((40, 30, 3), np.uint8)
@@ -175,10 +180,7 @@ def test_an_unreadable_input_is_skipped_and_counted_not_the_end_of_the_run(
 ) -> None:
     """As predict does: a file that cannot be read is named with the reason, counted, and
     listed in explanations.jsonl as skipped; the other inputs are explained."""
-    info = DatasetInfo("classification", ("normal", "defective"), 3, (5, 5))
-    ckpt = tmp_path / "classifier.ckpt"
-    resnet = ["model.net.arch=resnet18", "model.net.weights=null"]
-    save_module(make_cfg, ["model=classifier", "data=elpv", "data.image_size=32", *resnet], info, ckpt)
+    ckpt = classifier_checkpoint(make_cfg, tmp_path, 32)
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     write_image(inputs / "good.png", 40, 30, colour=False)
@@ -273,10 +275,7 @@ def test_explain_refuses_a_detector_that_reads_a_template(make_cfg, tmp_path: Pa
 
 @pytest.mark.slow
 def test_explain_command_line(make_cfg, tmp_path: Path) -> None:
-    info = DatasetInfo("classification", ("normal", "defective"), 3, (5, 5))
-    ckpt = tmp_path / "classifier.ckpt"
-    resnet = ["model.net.arch=resnet18", "model.net.weights=null"]
-    save_module(make_cfg, ["model=classifier", "data=elpv", "data.image_size=64", *resnet], info, ckpt)
+    ckpt = classifier_checkpoint(make_cfg, tmp_path, 64)
     source = write_image(tmp_path / "cell.png", 90, 70, colour=False)
     out = tmp_path / "explained"
     command = [
