@@ -56,12 +56,10 @@ from torch.nn import functional as F
 from torchvision.ops import boxes as box_ops
 
 import elinspect.utils.resolvers  # noqa: F401  (registers the config resolvers)
-from elinspect.data.box_transforms import resize_with_boxes
 from elinspect.data.errors import DatasetError
-from elinspect.data.images import read_image, to_tensor_layout
-from elinspect.data.transforms import resize
+from elinspect.data.images import read_image
 from elinspect.drawing import draw_detections
-from elinspect.inference import Preprocessing, load_model
+from elinspect.inference import Preprocessing, load_model, preprocessing_from_config
 from elinspect.utils.checkpoint import read_checkpoint
 from elinspect.utils.errors import ConfigError, UserError, user_errors
 from elinspect.utils.library_warnings import silence_library_warnings
@@ -365,7 +363,7 @@ class Explainer:
     alpha: float = 0.5
     cmap: str = "jet"
     device: str = "cpu"
-    preprocessing: Preprocessing | None = None  # the checkpoint's (load_model); None: resize only
+    preprocessing: Preprocessing | None = None  # None: the one the module's stored data config says
 
     def __post_init__(self) -> None:
         self.module = self.module.to(self.device).eval()
@@ -374,34 +372,18 @@ class Explainer:
         self.target = class_index(self.module, self.target_class)
         self.names = [str(n) for n in getattr(self.module, "class_names", None) or []]
         data = (getattr(self.module, "run_config", None) or {}).get("data") or {}
-        self.image_size = data.get("image_size")
-        self.resize_mode = data.get("resize", "square")
-        self.channels = int(data.get("channels") or 3)
+        if self.preprocessing is None:
+            self.preprocessing = preprocessing_from_config(data)
         self.is_detector = getattr(self.module, "task", None) == "detection"
 
     def name(self, label: int) -> str:
         index = label - 1 if self.is_detector else label
         return self.names[index] if 0 <= index < len(self.names) else str(label)
 
-    def prepare(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
-        """``(input C×H×W float32, view RGB uint8)`` of an image file: as the checkpoint's
-        datamodule prepares a test image (grey or RGB decoding, cell cut-out, resize), or with
-        no ``preprocessing`` only resized as the stored data config says."""
-        original = read_image(path, grey=False)
-        if self.preprocessing is not None:
-            return self.preprocessing(path, original)
-        if self.is_detector:
-            image, _ = resize_with_boxes(
-                original, np.zeros((0, 4), np.float32), self.image_size, self.resize_mode
-            )
-            return to_tensor_layout(image, 3), original
-        image = resize(original, int(self.image_size)) if self.image_size else original
-        return to_tensor_layout(image, self.channels), original
-
     def explain(self, path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """(overlay RGB uint8, raw map float32, summary) of one image file, both at the size of
         the picture the input was made from (the file, or the cell a datamodule cuts out)."""
-        array, original = self.prepare(path)
+        array, original = self.preprocessing(path, read_image(path, grey=False))
         height, width = original.shape[:2]
         if self.is_detector:
             return self._explain_detection(torch.from_numpy(array).to(self.device), original, path)

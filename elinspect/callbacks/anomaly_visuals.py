@@ -67,7 +67,7 @@ class AnomalyHeatmapCallback(L.Callback):
             return
         labels = batch.get("label", torch.full((len(batch["image"]),), -1))
         maps = outputs["anomaly_maps"]
-        scores = outputs.get("scores", maps.flatten(1).amax(dim=1))  # the image score, when given
+        scores = outputs["scores"] if "scores" in outputs else maps.flatten(1).amax(dim=1)
         for image, heatmap, label, score in zip(batch["image"], maps, labels, scores, strict=True):
             if len(self._samples) >= self.num_images:
                 break
